@@ -1,0 +1,68 @@
+"""Dagster asset checks generated from data contracts (thin layer over contracts.checks).
+
+Every contract yields one blocking, ERROR-severity check per rule family (schema, not_null,
+unique_grain, allowed_values, ranges, patterns, foreign_keys), attached inline to the asset, so
+they are evaluated per partition. ``ge_suite`` runs the great_expectations suite generated from
+the same contract (imported lazily). Extra invariants (row/value accounting) are declared by
+the asset that can evaluate them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import polars as pl
+from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, MetadataValue
+
+from kspill_pipeline.contracts.checks import CheckOutcome, check_names, run_contract_checks
+from kspill_pipeline.contracts.loader import load_contract
+
+GE_CHECK = ("ge_suite", "great_expectations suite generated from the data contract")
+
+
+def contract_check_specs(asset: str, extra: Iterable[tuple[str, str]] = (), ge: bool = True) -> list[AssetCheckSpec]:
+    contract = load_contract(asset)
+    names = list(check_names(contract)) + list(extra) + ([GE_CHECK] if ge else [])
+    return [AssetCheckSpec(name=n, asset=asset, blocking=True, description=d) for n, d in names]
+
+
+def _meta(md: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in md.items():
+        if isinstance(v, (dict, list, tuple)):
+            out[k] = MetadataValue.json(v if not isinstance(v, tuple) else list(v))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[k] = v if v is not None else MetadataValue.null()
+        else:
+            out[k] = str(v)
+    return out
+
+
+def outcome_to_result(asset: str, o: CheckOutcome) -> AssetCheckResult:
+    return AssetCheckResult(
+        asset_key=asset,
+        check_name=o.name,
+        passed=bool(o.passed),
+        severity=AssetCheckSeverity.ERROR,
+        description=o.description,
+        metadata=_meta(o.metadata or {}),
+    )
+
+
+def evaluate_contract(asset: str, df: pl.DataFrame, *, context: dict | None = None, ge: bool = True) -> list[AssetCheckResult]:
+    contract = load_contract(asset)
+    results = [outcome_to_result(asset, o) for o in run_contract_checks(contract, df, context=context)]
+    if ge:
+        from kspill_pipeline.contracts.ge_suite import validate_with_ge
+
+        r = validate_with_ge(contract, df)
+        results.append(
+            AssetCheckResult(
+                asset_key=asset,
+                check_name=GE_CHECK[0],
+                passed=bool(r.success),
+                severity=AssetCheckSeverity.ERROR,
+                metadata=_meta({"statistics": r.statistics, "failures": r.failures}),
+            )
+        )
+    return results
