@@ -143,7 +143,9 @@ def cmd_run(args) -> int:
     years = parse_years(args.years, source.years.years())
     keys = resolve_selection(defs, args.select)
     pre, yearly, post = _phases(defs, keys)
-    run_config = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) if args.config else None
+    run_config = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) if args.config else {}
+    run_config = dict(run_config or {})
+    run_config.setdefault("loggers", {"console": {"config": {"log_level": args.log_level}}})
     assets = list(defs.assets or [])
     resources = dict(defs.resources or {})
     print(f"kspill run: data={data}\n            store={store}\n            years={years[0]}-{years[-1]} "
@@ -196,7 +198,8 @@ def cmd_demo(args) -> int:
 
         generate(data, scale="demo", seed=1)
     ns = argparse.Namespace(
-        data=str(data), store=None, select=None, years=None, config=None, ephemeral=False, keep_going=False
+        data=str(data), store=None, select=None, years=None, config=None, ephemeral=False, keep_going=False,
+        log_level="WARNING",
     )
     return cmd_run(ns)
 
@@ -219,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", help="YAML run config (Dagster run_config form)")
     r.add_argument("--ephemeral", action="store_true", help="do not record runs in the .dagster instance")
     r.add_argument("--keep-going", action="store_true", help="continue with later years after a failure")
+    r.add_argument("--log-level", default="WARNING", help="Dagster console log level (default WARNING)")
     r.set_defaults(func=cmd_run)
 
     d = sub.add_parser("demo", help="synth (if absent) + run every asset on the demo data")
