@@ -227,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="synth (if absent) + run every asset on the demo data")
     d.set_defaults(func=cmd_demo)
+
+    from kspill_pipeline import standalone
+
+    standalone.add_parser(sub).set_defaults(func=standalone.run)
     return p
 
 

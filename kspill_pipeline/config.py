@@ -137,3 +137,21 @@ def load_source_config(data_dir: Path | str | None = None) -> SourceConfig:
     if years:
         return SourceConfig(years=YearRange(start=years[0], end=years[-1]), customs_dir=".")
     return SourceConfig(years=DEFAULT_YEARS)
+
+
+class RelatednessConfig(BaseModel):
+    """Switches of the relatedness assets (issue 3; spec S000 section 7 where it applies)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sample: Literal["s000", "s001", "s004", "all"] = "s000"
+    processing_drop_level: Literal["transaction", "firm"] = "transaction"
+    product_level: Literal["hs2", "hs4", "hs6"] = "hs4"
+    phi_basis: Literal["firm", "city"] = "firm"
+    phi_variant: Literal["min_conditional", "asymmetric", "correlation"] = "min_conditional"
+    phi_diagonal: Literal["one", "zero", "raw"] = "one"
+    city_preset: Literal["stata", "py-ecomplexity", "r-economiccomplexity"] = "stata"
+    rca_threshold: float = Field(1.0, gt=0)
+    density_include_self: bool = True
+    density_firm_threshold: float = Field(0.05, ge=0, lt=1)
+    n_buckets: int = Field(16, ge=1, le=4096)

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from dagster import AssetSelection, Definitions, define_asset_job
 
+from kspill_pipeline.assets.relatedness import RelatednessSettings, build_relatedness_assets
 from kspill_pipeline.assets.trade import build_trade_assets
+from kspill_pipeline.dask_resource import DaskResource
 from kspill_pipeline.config import default_data_dir, default_store_dir, load_source_config
 from kspill_pipeline.io.io_manager import ParquetStoreIOManager
 from kspill_pipeline.partitions import years_partitions
@@ -23,19 +25,27 @@ def build_definitions(data_dir: Path | str | None = None, store_dir: Path | str 
     store = Path(store_dir).resolve() if store_dir else default_store_dir()
     source = load_source_config(data)
     years = years_partitions(source.years)
-    assets = build_trade_assets(years)
+    assets = build_trade_assets(years) + build_relatedness_assets(years)
     yearly_job = define_asset_job(
         "yearly_trade",
         selection=AssetSelection.groups("trade"),
         partitions_def=years,
         description="Clean one year of customs data (trade_clean, trade_quarantine, trade_cleaning_report).",
     )
+    relatedness_job = define_asset_job(
+        "yearly_relatedness",
+        selection=AssetSelection.groups("relatedness"),
+        partitions_def=years,
+        description="Relatedness, densities and complexity for one year (needs trade_clean of that year).",
+    )
     return Definitions(
         assets=assets,
-        jobs=[yearly_job],
+        jobs=[yearly_job, relatedness_job],
         resources={
             "io_manager": ParquetStoreIOManager(base_dir=str(store)),
             "paths": KspillPaths(data_dir=str(data), store_dir=str(store)),
+            "relatedness": RelatednessSettings(),
+            "dask": DaskResource(),
         },
     )
 

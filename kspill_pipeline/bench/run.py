@@ -80,7 +80,23 @@ def bench_ingest(scale: str, year: int) -> dict:
     }
 
 
-BENCHMARKS = {"ingest": lambda a: bench_ingest(a.scale, a.year)}
+def _ecomplexity(a):
+    from kspill_pipeline.bench import ecomplexity_bench
+
+    return ecomplexity_bench.run(a)
+
+
+def _firm_density(a):
+    from kspill_pipeline.bench import firm_density_bench
+
+    return firm_density_bench.run(a)
+
+
+BENCHMARKS = {
+    "ingest": lambda a: bench_ingest(a.scale, a.year),
+    "ecomplexity": _ecomplexity,
+    "firm_density": _firm_density,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

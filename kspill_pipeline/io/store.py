@@ -1,7 +1,10 @@
 """Hive-layout parquet store with atomic partition writes (pure: no Dagster import).
 
 Layout: ``<root>/<asset>/year=YYYY/part-0.parquet`` for yearly assets and
-``<root>/<asset>/part-0.parquet`` for unpartitioned ones. A write goes to a hidden temporary
+``<root>/<asset>/part-0.parquet`` for unpartitioned ones. Chunked outputs (firm_import_density)
+instead publish several ``part-<generation>-<k>.parquet`` files listed in ``_manifest.json``
+(see :func:`commit_parts`); readers resolve a partition through :func:`partition_files`, which
+prefers the manifest. A write goes to a hidden temporary
 file in the target folder, is flushed and fsynced, then ``os.replace``-d over the previous file,
 so a process killed mid-write leaves the previous version intact and readable (readers only see
 ``part-*.parquet``). The arrow schema comes from the dataset's data contract.
@@ -9,7 +12,11 @@ so a process killed mid-write leaves the previous version intact and readable (r
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
+import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Iterable
@@ -20,6 +27,10 @@ import pyarrow.parquet as pq
 
 PART_NAME = "part-0.parquet"
 TMP_PREFIX = ".tmp-"
+MANIFEST_NAME = "_manifest.json"
+MANIFEST_FORMAT = "kspill-parts-manifest/1"
+STAGING_PREFIX = ".staging-"
+PART_PREFIX = "part-"
 
 
 def partition_dir(root: Path | str, asset: str, year: int | str | None) -> Path:
@@ -76,12 +87,30 @@ def write_frame(
     return write_table_atomic(table, partition_file(root, asset, year))
 
 
+def partition_files(root: Path | str, asset: str, year: int | str | None) -> list[Path]:
+    """Files of one published partition: the manifest's generation, else ``part-0.parquet``.
+
+    Raises FileNotFoundError when the partition has not been published."""
+    d = partition_dir(root, asset, year)
+    if (d / MANIFEST_NAME).is_file():
+        return read_manifest(d)
+    f = d / PART_NAME
+    if f.is_file():
+        return [f]
+    raise FileNotFoundError(f"asset {asset!r}: partition {year} not found in store {root} ({d})")
+
+
+def is_published(root: Path | str, asset: str, year: int | str | None) -> bool:
+    d = partition_dir(root, asset, year)
+    return (d / MANIFEST_NAME).is_file() or (d / PART_NAME).is_file()
+
+
 def existing_years(root: Path | str, asset: str) -> list[int]:
     base = Path(root) / asset
     out = []
     if base.is_dir():
         for d in base.glob("year=*"):
-            if (d / PART_NAME).is_file():
+            if (d / PART_NAME).is_file() or (d / MANIFEST_NAME).is_file():
                 out.append(int(d.name.split("=", 1)[1]))
     return sorted(out)
 
@@ -101,14 +130,158 @@ def scan(
         ys = existing_years(root, asset)
     else:
         ys = sorted({int(y) for y in years})
-    paths = [partition_file(root, asset, y) for y in ys]
-    missing = [p for p in paths if not p.is_file()]
+    paths: list[Path] = []
+    missing = []
+    for y in ys:
+        try:
+            paths += partition_files(root, asset, y)
+        except FileNotFoundError:
+            missing.append(partition_dir(root, asset, y))
     if missing and not missing_ok:
         raise FileNotFoundError(
-            f"asset {asset!r}: partition file(s) missing in store {root}: "
+            f"asset {asset!r}: partition(s) missing in store {root}: "
             + ", ".join(str(p) for p in missing[:5])
         )
-    paths = [p for p in paths if p.is_file()]
     if not paths:
         raise FileNotFoundError(f"asset {asset!r}: no partitions found under {base}")
     return pl.scan_parquet([str(p) for p in paths], hive_partitioning=False)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------------
+# manifest protocol
+# ------------------------------------------------------------------------------------------------
+
+
+def _new_generation() -> str:
+    # sortable (microseconds since the epoch) + random suffix (unique across processes)
+    return f"{time.time_ns() // 1000:016d}{secrets.token_hex(3)}"
+
+
+def _load_manifest(final_dir: Path) -> dict:
+    path = Path(final_dir) / MANIFEST_NAME
+    with open(path, encoding="utf-8") as fh:
+        m = json.load(fh)
+    if m.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path}: not a {MANIFEST_FORMAT} manifest")
+    return m
+
+
+def commit_parts(tmp_dir: Path | str, final_dir: Path | str, *, metadata: dict | None = None) -> list[Path]:
+    """Publish every ``*.parquet`` of ``tmp_dir`` as the new generation of ``final_dir``, atomically.
+
+    1. each file is moved (``os.replace``; a copy + fsync + rename when ``tmp_dir`` is on another
+       filesystem) to ``final_dir/part-<generation>-<k>.parquet`` (k = 0, 1, ... in the sorted order of
+       the staged names); nothing references these files yet;
+    2. ``final_dir/_manifest.json`` (format, generation, previous generation, files, rows per file,
+       total rows, created time, ``metadata``) is written to a temp file, fsynced and ``os.replace``-d
+       over the old manifest: the commit point;
+    3. ``part-*.parquet`` files not listed in the new manifest and stale ``.staging-*`` folders in
+       ``final_dir`` are deleted, then ``tmp_dir``.
+
+    Returns the published paths. A crash before step 2 leaves the previous manifest in force (the
+    new files are orphans removed by the next commit); after step 2 the new one. One writer per
+    ``final_dir`` at a time (Dagster runs one step per partition).
+    """
+    tmp_dir = Path(tmp_dir)
+    final_dir = Path(final_dir)
+    final_dir.mkdir(parents=True, exist_ok=True)
+    staged = sorted(p for p in tmp_dir.glob("*.parquet") if p.is_file())
+    prev = None
+    if (final_dir / MANIFEST_NAME).is_file():
+        try:
+            prev = _load_manifest(final_dir).get("generation")
+        except (ValueError, json.JSONDecodeError, OSError):
+            prev = None
+    gen = _new_generation()
+    names, rows = [], []
+    for k, src in enumerate(staged):
+        n_rows = pq.ParquetFile(src).metadata.num_rows
+        dst = final_dir / f"{PART_PREFIX}{gen}-{k:05d}.parquet"
+        try:
+            os.replace(src, dst)
+        except OSError:  # cross-device: copy to a hidden temp name, fsync, then rename
+            tmp = final_dir / f".tmp-{uuid.uuid4().hex}-{dst.name}"
+            shutil.copyfile(src, tmp)
+            _fsync_file(tmp)
+            os.replace(tmp, dst)
+        names.append(dst.name)
+        rows.append(int(n_rows))
+    _fsync_dir(final_dir)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "generation": gen,
+        "previous_generation": prev,
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": names,
+        "rows": rows,
+        "total_rows": int(sum(rows)),
+        "metadata": metadata or {},
+    }
+    tmp_m = final_dir / f".tmp-manifest-{uuid.uuid4().hex}.json"
+    try:
+        with open(tmp_m, "w", encoding="utf-8") as fh:
+            json.dump(manifest, fh, indent=1, sort_keys=True, default=str)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_m, final_dir / MANIFEST_NAME)  # commit point
+    finally:
+        if tmp_m.exists():
+            tmp_m.unlink()
+    _fsync_dir(final_dir)
+    keep = set(names)
+    for p in final_dir.glob(f"{PART_PREFIX}*.parquet"):
+        if p.name not in keep:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+    for d in final_dir.glob(f"{STAGING_PREFIX}*"):
+        if d.is_dir() and d.resolve() != tmp_dir.resolve():
+            shutil.rmtree(d, ignore_errors=True)
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    return [final_dir / n for n in names]
+
+
+def read_manifest(final_dir: Path | str) -> list[Path]:
+    """The files of the current generation of ``final_dir`` (from ``_manifest.json``).
+
+    Raises ``FileNotFoundError`` when there is no manifest (nothing published yet) or when a listed
+    file is missing (the folder was tampered with)."""
+    final_dir = Path(final_dir)
+    if not (final_dir / MANIFEST_NAME).is_file():
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {final_dir}: nothing has been published there")
+    m = _load_manifest(final_dir)
+    files = [final_dir / n for n in m["files"]]
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{final_dir}: manifest generation {m['generation']} lists missing files {missing[:3]}")
+    return files
+
+
+def scan_parts(final_dir: Path | str) -> pl.LazyFrame:
+    """One LazyFrame over the current generation of ``final_dir``."""
+    files = read_manifest(final_dir)
+    if not files:
+        raise FileNotFoundError(f"{final_dir}: the current generation has no files")
+    return pl.scan_parquet([str(p) for p in files], hive_partitioning=False)
