@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -97,6 +98,15 @@ def _phases(defs, keys):
     return pre, yearly, post
 
 
+def _needs_dask(defs, keys) -> bool:
+    graph = defs.resolve_asset_graph()
+    for k in keys:
+        assets_def = defs.resolve_assets_def(k)
+        if "dask" in assets_def.required_resource_keys:
+            return True
+    return False
+
+
 def _report(result, label: str, t0: float) -> list[str]:
     """Print progress lines for one materialize() result; return failure messages."""
     failures: list[str] = []
@@ -151,7 +161,20 @@ def cmd_run(args) -> int:
     print(f"kspill run: data={data}\n            store={store}\n            years={years[0]}-{years[-1]} "
           f"({len(years)}), assets={len(keys)}", flush=True)
     failures: list[str] = []
-    with cli_instance(ephemeral=args.ephemeral) as instance:
+    stack = contextlib.ExitStack()
+    dask_cfg = ((run_config.get("resources") or {}).get("dask") or {}).get("config") or {}
+    if _needs_dask(defs, keys) and not dask_cfg.get("scheduler_address"):
+        # one LocalCluster for the whole CLI run (all years), instead of one per yearly run
+        from kspill_pipeline.dask_resource import DaskResource
+
+        base = DaskResource(**{k: v for k, v in dask_cfg.items() if k != "scheduler_address"})
+        client = stack.enter_context(base.get_client())
+        resources["dask"] = DaskResource(scheduler_address=client.scheduler.address)
+        print(f"            dask: {base.describe()} (shared by all years)", flush=True)
+        run_config = {k: v for k, v in run_config.items() if k != "resources"} | {
+            "resources": {k: v for k, v in (run_config.get("resources") or {}).items() if k != "dask"}
+        }
+    with stack, cli_instance(ephemeral=args.ephemeral) as instance:
         def _go(sel, label, partition_key=None):
             t0 = time.perf_counter()
             res = materialize(

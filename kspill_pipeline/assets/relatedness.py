@@ -247,10 +247,7 @@ def build_relatedness_assets(years_def) -> list:
         phi, products = _phi_from_store(product_relatedness)
         baskets = import_baskets(_sample(trade_clean, cfg), cfg, products)
         t0 = time.perf_counter()
-        with dask.get_client() as client:
-            stats = firm_density_partition(
-                baskets, phi, products, year, paths.store, client=client, cfg=cfg
-            )
+        stats = firm_density_partition(baskets, phi, products, year, paths.store, client=dask.client, cfg=cfg)
         seconds = time.perf_counter() - t0
         df = store.scan(paths.store, "firm_import_density", [year]).collect()
         df = df.select(load_contract("firm_import_density").column_names)
