@@ -77,25 +77,37 @@ def resolve_selection(defs, select: str | None):
     return keys
 
 
-def _phases(defs, keys):
-    """Split selected keys into: unpartitioned-before, yearly, unpartitioned-after."""
+def _stages(defs, keys) -> list[tuple[set, set]]:
+    """Order the selected keys into stages of (unpartitioned keys, yearly keys).
+
+    A key's stage is the number of partitioned <-> unpartitioned switches on its longest upstream
+    path, so yearly assets that need an all-years asset (e.g. a study-wide normalisation) run in a
+    later stage than the years it reads. Within a stage, unpartitioned keys run once and yearly
+    keys once per year.
+    """
     graph = defs.resolve_asset_graph()
-    yearly = {k for k in keys if graph.get(k).partitions_def is not None}
-    pre, post = set(), set()
-    for k in keys - yearly:
-        up = set()
-        stack = [k]
-        while stack:
-            cur = stack.pop()
-            for p in graph.get(cur).parent_keys:
-                if p not in up:
-                    up.add(p)
-                    stack.append(p)
-        if any(graph.has(p) and graph.get(p).partitions_def is not None for p in up):
-            post.add(k)
-        else:
-            pre.add(k)
-    return pre, yearly, post
+    memo: dict = {}
+
+    def part(k) -> bool:
+        return graph.has(k) and graph.get(k).partitions_def is not None
+
+    def stage(k) -> int:
+        if k in memo:
+            return memo[k]
+        best = 0
+        for p in graph.get(k).parent_keys:
+            if not graph.has(p) or not graph.get(p).is_materializable:
+                continue
+            best = max(best, stage(p) + (1 if part(p) != part(k) else 0))
+        memo[k] = best
+        return best
+
+    n = max((stage(k) for k in keys), default=0)
+    out = []
+    for i in range(n + 1):
+        ks = {k for k in keys if stage(k) == i}
+        out.append(({k for k in ks if not part(k)}, {k for k in ks if part(k)}))
+    return [st for st in out if st[0] or st[1]]
 
 
 def _needs_dask(defs, keys) -> bool:
@@ -152,7 +164,7 @@ def cmd_run(args) -> int:
     source = load_source_config(data)
     years = parse_years(args.years, source.years.years())
     keys = resolve_selection(defs, args.select)
-    pre, yearly, post = _phases(defs, keys)
+    stages = _stages(defs, keys)
     run_config = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) if args.config else {}
     run_config = dict(run_config or {})
     run_config.setdefault("loggers", {"console": {"config": {"log_level": args.log_level}}})
@@ -184,15 +196,16 @@ def cmd_run(args) -> int:
             )
             return _report(res, label, t0)
 
-        if pre:
-            failures += _go(pre, "all")
-        if not failures and yearly:
-            for y in years:
-                failures += _go(yearly, str(y), partition_key=str(y))
-                if failures and not args.keep_going:
-                    break
-        if not failures and post:
-            failures += _go(post, "all")
+        for unpart, yearly in stages:
+            if unpart and not failures:
+                failures += _go(unpart, "all")
+            if yearly and (not failures or args.keep_going):
+                for y in years:
+                    failures += _go(yearly, str(y), partition_key=str(y))
+                    if failures and not args.keep_going:
+                        break
+            if failures and not args.keep_going:
+                break
     if failures:
         print("\nkspill run FAILED:", file=sys.stderr)
         for f in failures:

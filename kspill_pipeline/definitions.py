@@ -12,6 +12,7 @@ from pathlib import Path
 from dagster import AssetSelection, Definitions, define_asset_job
 
 from kspill_pipeline.assets.relatedness import RelatednessSettings, build_relatedness_assets
+from kspill_pipeline.assets.s000 import S000Settings, build_s000_assets
 from kspill_pipeline.assets.trade import build_trade_assets
 from kspill_pipeline.dask_resource import DaskResource
 from kspill_pipeline.config import default_data_dir, default_store_dir, load_source_config
@@ -25,7 +26,7 @@ def build_definitions(data_dir: Path | str | None = None, store_dir: Path | str 
     store = Path(store_dir).resolve() if store_dir else default_store_dir()
     source = load_source_config(data)
     years = years_partitions(source.years)
-    assets = build_trade_assets(years) + build_relatedness_assets(years)
+    assets = build_trade_assets(years) + build_relatedness_assets(years) + build_s000_assets(years)
     yearly_job = define_asset_job(
         "yearly_trade",
         selection=AssetSelection.groups("trade"),
@@ -46,6 +47,7 @@ def build_definitions(data_dir: Path | str | None = None, store_dir: Path | str 
             "paths": KspillPaths(data_dir=str(data), store_dir=str(store)),
             "relatedness": RelatednessSettings(),
             "dask": DaskResource(),
+            "s000": S000Settings(),
         },
     )
 

@@ -49,8 +49,22 @@ def outcome_to_result(asset: str, o: CheckOutcome) -> AssetCheckResult:
     )
 
 
+def _reference_frames(contract) -> dict:
+    """Reference tables named by the contract's foreign keys, built from the reference layer."""
+    from kspill_pipeline.reference.admin import prefectures
+
+    builders = {"ref_prefecture": prefectures}
+    out = {}
+    for c in contract.columns:
+        fk = getattr(c, "foreign_key", None)
+        if fk is not None and fk.table in builders:
+            out[fk.table] = builders[fk.table]()
+    return out
+
+
 def evaluate_contract(asset: str, df: pl.DataFrame, *, context: dict | None = None, ge: bool = True) -> list[AssetCheckResult]:
     contract = load_contract(asset)
+    context = {**_reference_frames(contract), **(context or {})}
     results = [outcome_to_result(asset, o) for o in run_contract_checks(contract, df, context=context)]
     if ge:
         from kspill_pipeline.contracts.ge_suite import validate_with_ge

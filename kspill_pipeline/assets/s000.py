@@ -1,0 +1,234 @@
+"""Study S000 assets (Liu & Zhu 2021): export history, firm controls, city marketization and the
+firm x HS4 x year analysis panel. Thin wiring around ``studies.s000``.
+
+Switches: the Dagster resource ``s000`` (``S000Settings``), one field per switch of
+``studies.s000.S000Config`` (spec S000 section 7) plus ``preset`` (``paper`` = spec defaults,
+``planted`` = phi from t-1 as the synthetic generator plants).
+"""
+
+from typing import Any
+
+import polars as pl
+from dagster import (
+    AssetExecutionContext,
+    AssetIn,
+    ConfigurableResource,
+    MetadataValue,
+    Output,
+    TimeWindowPartitionMapping,
+    asset,
+)
+
+from kspill_pipeline.assets.contract_checks import contract_check_specs, evaluate_contract
+from kspill_pipeline.contracts.checks import CheckOutcome
+from kspill_pipeline.assets.contract_checks import outcome_to_result
+from kspill_pipeline.assets.relatedness import RelatednessSettings
+from kspill_pipeline.config import RelatednessConfig
+from kspill_pipeline.contracts.loader import load_contract
+from kspill_pipeline.studies.s000 import S000Config
+
+GROUP = "s000"
+
+
+def _settings_class() -> type:
+    """A ConfigurableResource with one plain-typed field per S000Config switch (Dagster config
+    has no Literal types); ``model()`` validates through S000Config, whose errors name the key and
+    the allowed values."""
+    ann: dict[str, Any] = {"preset": str}
+    ns: dict[str, Any] = {"preset": "paper"}
+    for name, f in S000Config.model_fields.items():
+        d = f.default
+        ann[name] = type(d) if isinstance(d, (bool, int, float, str)) else str
+        ns[name] = d
+
+    def model(self) -> S000Config:
+        from kspill_pipeline.studies.s000 import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ValueError(f"s000 preset {self.preset!r} unknown; allowed: {', '.join(PRESETS)}")
+        base = S000Config.model_validate(PRESETS[self.preset])
+        # fields left at the paper default keep the preset's value; others override it
+        data = base.model_dump()
+        for k in S000Config.model_fields:
+            v = getattr(self, k)
+            if v != S000Config.model_fields[k].default:
+                data[k] = v
+        return S000Config.model_validate(data)
+
+    ns["__annotations__"] = ann
+    ns["model"] = model
+    ns["__doc__"] = "Switches of study S000 (spec section 7); see README 'Study S000'."
+    return type("S000Settings", (ConfigurableResource,), ns)
+
+
+S000Settings = _settings_class()
+
+
+def _relatedness_matches(rel: RelatednessConfig, cfg: S000Config) -> bool:
+    """The stored yearly densities were built exactly as S000 needs them."""
+    return (rel.sample == "s000" and rel.product_level == "hs4" and rel.phi_basis == "firm"
+            and rel.phi_variant == "min_conditional" and rel.phi_diagonal == "one"
+            and rel.density_include_self == cfg.density_include_self
+            and rel.processing_drop_level == cfg.processing_drop_level
+            and rel.density_firm_threshold <= cfg.density_firm_threshold and cfg.phi_sample == "cleaned")
+
+
+def _desc(name: str) -> str:
+    return " ".join(load_contract(name).description.split())
+
+
+def _cfg_meta(cfg: S000Config) -> MetadataValue:
+    return MetadataValue.json(cfg.model_dump(mode="json"))
+
+
+def build_s000_assets(years_def) -> list:
+    from kspill_pipeline.reference.admin import prefectures
+
+    history_window = TimeWindowPartitionMapping(start_offset=-200, end_offset=0,
+                                                allow_nonexistent_upstream_partitions=True)
+    lag_window = TimeWindowPartitionMapping(start_offset=-1, end_offset=0, allow_nonexistent_upstream_partitions=True)
+
+    @asset(
+        name="firm_export_history",
+        group_name=GROUP,
+        partitions_def=years_def,
+        description=_desc("firm_export_history"),
+        kinds={"polars", "parquet"},
+        ins={"trade_clean": AssetIn(partition_mapping=history_window, metadata={"allow_missing_partitions": True})},
+        check_specs=contract_check_specs("firm_export_history", ge=False),
+    )
+    def firm_export_history(context: AssetExecutionContext, trade_clean: pl.LazyFrame, s000: S000Settings):
+        """Reads the raw per-year export presence of every year <= t (never an earlier history
+        partition), so any backfill order and any single-year re-run give the same result."""
+        from kspill_pipeline.studies import s000 as st
+
+        cfg = s000.model()
+        year = int(context.partition_key)
+        seen = sorted(trade_clean.select(pl.col("year").unique()).collect()["year"].to_list())
+        need = [y for y in range(cfg.base_year, year + 1) if y >= years_def.start.year]
+        missing = sorted(set(need) - set(seen))
+        if missing:
+            raise ValueError(f"firm_export_history {year}: trade_clean partition(s) {missing} have no rows; "
+                             "materialise them first")
+        df = st.firm_export_history(st.export_presence(trade_clean, cfg), year, cfg)
+        df = load_contract("firm_export_history").conform(df)
+        yield Output(df, metadata={"rows": df.height, "new_products": int(df["is_new"].sum() or 0),
+                                   "years_read": MetadataValue.json(seen), "config": _cfg_meta(cfg)})
+        yield from evaluate_contract("firm_export_history", df, ge=False)
+
+    @asset(
+        name="s000_firm_controls",
+        group_name=GROUP,
+        partitions_def=years_def,
+        description=_desc("s000_firm_controls"),
+        kinds={"polars", "parquet"},
+        ins={"trade_clean": AssetIn(), "firm_export_history": AssetIn()},
+        check_specs=contract_check_specs("s000_firm_controls", ge=False),
+    )
+    def s000_firm_controls(context: AssetExecutionContext, trade_clean: pl.LazyFrame,
+                           firm_export_history: pl.LazyFrame, s000: S000Settings):
+        from kspill_pipeline.studies import s000 as st
+
+        cfg = s000.model()
+        year = int(context.partition_key)
+        df = st.firm_controls(trade_clean, firm_export_history.collect(), year, cfg)
+        df = load_contract("s000_firm_controls").conform(df)
+        yield Output(df, metadata={"firms": df.height, "config": _cfg_meta(cfg)})
+        yield from evaluate_contract("s000_firm_controls", df, ge=False)
+
+    @asset(
+        name="s000_city_marketization",
+        group_name=GROUP,
+        description=_desc("s000_city_marketization"),
+        kinds={"polars", "parquet"},
+        ins={"trade_clean": AssetIn(),
+             "firm_import_density": AssetIn(metadata={"allow_missing_partitions": True}),
+             "firm_city": AssetIn(metadata={"allow_missing_partitions": True})},
+        check_specs=contract_check_specs("s000_city_marketization", ge=False),
+    )
+    def s000_city_marketization(context: AssetExecutionContext, trade_clean: pl.LazyFrame,
+                                firm_import_density: pl.LazyFrame, firm_city: pl.LazyFrame, s000: S000Settings):
+        from kspill_pipeline.studies import s000 as st
+
+        cfg = s000.model()
+        weights = None
+        if cfg.mkt_quantile_base == "observations":
+            obs = (firm_import_density.filter(pl.col("density_firm") > cfg.density_firm_threshold)
+                   .join(firm_city.select("year", "firm_id", "city_code"), on=["year", "firm_id"])
+                   .select("year", "city_code").collect())
+            weights = st.observation_weights(obs)
+        df = st.city_marketization(trade_clean, cfg, obs_weights=weights)
+        df = load_contract("s000_city_marketization").conform(df)
+        counts = df.group_by("mkt_group").agg(pl.col("city_code").n_unique().alias("cities")).sort("mkt_group")
+        yield Output(df, metadata={"rows": df.height, "cities_by_group": MetadataValue.json(
+            {r["mkt_group"]: r["cities"] for r in counts.to_dicts()}), "config": _cfg_meta(cfg)})
+        yield from evaluate_contract("s000_city_marketization", df, context={"ref_prefecture": prefectures()},
+                                     ge=False)
+
+    @asset(
+        name="s000_panel",
+        group_name=GROUP,
+        partitions_def=years_def,
+        description=_desc("s000_panel"),
+        kinds={"polars", "parquet"},
+        ins={
+            "trade_clean": AssetIn(partition_mapping=lag_window, metadata={"allow_missing_partitions": True}),
+            "product_relatedness": AssetIn(partition_mapping=lag_window, metadata={"allow_missing_partitions": True}),
+            "firm_import_density": AssetIn(),
+            "city_import_density": AssetIn(),
+            "firm_city": AssetIn(partition_mapping=lag_window, metadata={"allow_missing_partitions": True}),
+            "s000_firm_controls": AssetIn(),
+            "s000_city_marketization": AssetIn(),
+        },
+        check_specs=contract_check_specs("s000_panel", extra=[
+            ("panel_invariants", "density_city >= density_firm where it must hold, densities above the threshold, "
+                                 "outcome varies"),
+        ], ge=True),
+    )
+    def s000_panel(context: AssetExecutionContext, trade_clean: pl.LazyFrame, product_relatedness: pl.LazyFrame,
+                   firm_import_density: pl.LazyFrame, city_import_density: pl.LazyFrame, firm_city: pl.LazyFrame,
+                   s000_firm_controls: pl.LazyFrame, s000_city_marketization: pl.LazyFrame, s000: S000Settings,
+                   relatedness: RelatednessSettings):
+        from kspill_pipeline.studies import s000 as st
+
+        cfg = s000.model()
+        year = int(context.partition_key)
+        controls = s000_firm_controls.collect()
+        mkt = s000_city_marketization.collect()
+        if st.stored_densities_usable(cfg) and _relatedness_matches(relatedness.model(), cfg):
+            cand = st.candidates_from_stored(firm_import_density, city_import_density, firm_city, year, cfg)
+            source = "stored firm_import_density / city_import_density (phi of year t)"
+        else:
+            phi_year = year - cfg.phi_lag
+            pr = product_relatedness.filter(pl.col("year") == phi_year).collect()
+            if pr.height == 0:
+                cand = None
+                source = f"no product_relatedness for {phi_year}: first year of the window, empty panel"
+            else:
+                # phi rebuilt from trade_clean with the S000 sample (the relatedness resource may be
+                # configured for another study); product_relatedness only tells whether t-1 exists
+                cand = st.densities_for_year(trade_clean, year, cfg)
+                source = f"recomputed from the S000 phi of {phi_year} (phi_lag={cfg.phi_lag})"
+        contract = load_contract("s000_panel")
+        if cand is None:
+            df = contract.conform(pl.DataFrame(schema=contract.polars_schema()))
+        else:
+            df = contract.conform(st.build_panel_year(year, cand, trade_clean.filter(pl.col("year") == year),
+                                                       controls, mkt, cfg))
+        yield Output(df, metadata={
+            "rows": df.height, "firms": df["firm_id"].n_unique(),
+            "export_rate": float(df["export"].mean() or 0.0) if df.height else None,
+            "density_source": source, "config": _cfg_meta(cfg),
+        })
+        yield from evaluate_contract("s000_panel", df, ge=True)
+        inv = st.panel_invariants(df, cfg) if df.height else {}
+        ok = (df.height == 0 and cand is None) or (
+            inv.get("below_threshold", 0) == 0 and inv.get("city_lt_firm", 0) in (0, -1)
+            and not inv.get("no_outcome_variation", False)
+        )
+        yield outcome_to_result("s000_panel", CheckOutcome(
+            "panel_invariants", bool(ok), "; ".join(f"{k}={v}" for k, v in inv.items()) or source,
+            {k: (int(v) if isinstance(v, (bool, int)) else v) for k, v in inv.items()},
+        ))
+
+    return [firm_export_history, s000_firm_controls, s000_city_marketization, s000_panel]
