@@ -46,7 +46,7 @@ def _independent_row_count(path: Path) -> int:
 def tiny_run(tiny_universe, tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     rc = cli.main(["run", "--data", str(tiny_universe), "--store", str(store), "--ephemeral",
-                   "--years", ",".join(map(str, YEARS))])
+                   "--years", ",".join(map(str, YEARS)), "--select", "group:trade or group:reference"])
     assert rc == 0
     return tiny_universe, store
 
@@ -117,14 +117,14 @@ def test_blocking_check_failure_skips_downstream_in_same_run(tiny_universe, tmp_
     """A cleaning bug that duplicates rows is caught by unique_grain and stops downstream steps."""
     import kspill_pipeline.compute.cleaning as cleaning
 
-    real = cleaning.clean_customs
+    real = cleaning.clean_customs_chunked
 
-    def buggy(raw, year, cfg=None, **kw):
-        res = real(raw, year, cfg, **kw)
+    def buggy(frames, year, cfg=None, **kw):
+        res = real(frames, year, cfg, **kw)
         res.clean = pl.concat([res.clean, res.clean.head(3)])
         return res
 
-    monkeypatch.setattr(cleaning, "clean_customs", buggy)
+    monkeypatch.setattr(cleaning, "clean_customs_chunked", buggy)
     seen = []
 
     @asset(partitions_def=build_definitions(tiny_universe, tmp_path).resolve_asset_graph()
@@ -154,16 +154,16 @@ def test_blocking_check_failure_skips_downstream_in_same_run(tiny_universe, tmp_
 def test_silent_row_loss_fails_accounting_and_cli_names_it(tiny_universe, tmp_path, monkeypatch, capsys):
     import kspill_pipeline.compute.cleaning as cleaning
 
-    real = cleaning.clean_customs
+    real = cleaning.clean_customs_chunked
 
-    def lossy(raw, year, cfg=None, **kw):
-        res = real(raw, year, cfg, **kw)
+    def lossy(frames, year, cfg=None, **kw):
+        res = real(frames, year, cfg, **kw)
         res.clean = res.clean.slice(1)  # silently lose one clean row
         return res
 
-    monkeypatch.setattr(cleaning, "clean_customs", lossy)
+    monkeypatch.setattr(cleaning, "clean_customs_chunked", lossy)
     rc = cli.main(["run", "--data", str(tiny_universe), "--store", str(tmp_path / "s"), "--ephemeral",
-                   "--years", "2009"])
+                   "--years", "2009", "--select", "group:trade"])
     err = capsys.readouterr().err
     assert rc == 1
     assert "asset trade_clean partition 2009: check row_value_accounting FAILED" in err
@@ -177,7 +177,7 @@ def test_unreadable_year_fails_naming_file_and_field_other_years_complete(tiny_u
     df.drop(df.columns[[i for i, c in enumerate(df.columns) if c in ("税号", "商品编码", "hs_code")][0]]) \
       .write_parquet(target)
     rc = cli.main(["run", "--data", str(data), "--store", str(tmp_path / "s"), "--ephemeral",
-                   "--years", "2013-2015", "--keep-going"])
+                   "--years", "2013-2015", "--keep-going", "--select", "group:trade or group:relatedness"])
     err = capsys.readouterr().err
     assert rc == 1
     assert "partition 2014" in err and target.name in err and "hs_code" in err

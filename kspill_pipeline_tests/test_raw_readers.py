@@ -348,3 +348,94 @@ def test_header_only_empty_and_repeated_headers(tmp_path):
     d.write_text("firm_id,flow,hs,partner,value,flow\n1,E,0101,USA,5,E\n", encoding="utf-8")
     with pytest.raises(ValueError, match="flow"):
         read_customs_file(d, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# batched reading (iter_customs_file): the batches concatenate to read_customs_file's frame
+# ------------------------------------------------------------------------------------------------
+def _write_reader_zoo(tmp_path) -> list:
+    """One file of every reader path: encodings, delimiters, blank records, the csv-module fallback,
+    header-only, Stata (chunked, labels, legacy bytes) and parquet with numeric columns."""
+    files = []
+    many = [r.replace("1000", str(1000 + i)) for i in range(7) for r in ROWS]  # 21 records
+    for name, data in [
+        ("utf8_2003.csv", _csv_text(rows=many).encode("utf-8")),
+        ("bom_2003.csv", codecs.BOM_UTF8 + _csv_text(rows=many).encode("utf-8")),
+        ("gbk_2003.csv", _csv_text(rows=many).encode("gbk")),
+        ("tab_2003.tsv", _csv_text(rows=many, sep="\t").encode("gb18030")),
+        ("u16_2003.txt", _csv_text(rows=many, sep="\t").encode("utf-16")),
+        ("lossy_2003.csv", _csv_text(rows=many).encode("gbk").replace("上海电子".encode("gbk"), b"\xff\x80", 1)),
+        ("blank_2003.csv", (
+            "Firm ID,Company_Name,IMP_EXP,HS8,Partner Country,Value,Year,Month\n"
+            "0001,\"Acme, Ltd\",E,01012100,USA,10,2003,1\n\n"
+            "0002,\"multi\nline\",I,02011000,JPN,20,2003,2\n,,,,,,,\n"
+            "0004,x,E,03011000,KOR,40,2003,4\n\n\n0005,y,I,03011000,KOR,50,2003,5\n"
+        ).encode("utf-8")),
+        ("quote_2003.csv", (
+            "Firm ID,Company_Name,IMP_EXP,HS8,Partner Country,Value\n"
+            + "".join(f"{i:04d},n{i},E,01012100,USA,{i}\n" for i in range(1, 6))
+            + "\n0006,He said \"hi,E,03011000,KOR,30\n0007,z,I,03011000,KOR,70\n"
+        ).encode("utf-8")),
+        ("header_2003.csv", b"firm_id,flow,hs,partner,value\n"),
+    ]:
+        f = tmp_path / name
+        f.write_bytes(data)
+        files.append(f)
+    big = pd.concat([_stata_frame()] * 3, ignore_index=True)
+    f = tmp_path / "stata118_2008.dta"
+    big.to_stata(f, write_index=False, version=118)
+    files.append(f)
+    f = tmp_path / "stata117_2008.dta"  # legacy: GBK bytes read as latin-1, re-decoded in some batches only
+    big.assign(
+        company_name=["ACME", "北京贸易".encode("gbk").decode("latin-1"), "GAMMA"] * 3,
+        country=["USA", "JPN", "美国".encode("gbk").decode("latin-1")] * 3,
+        impexp=pd.Categorical(["E", "I", "E"] * 3),
+    ).to_stata(f, write_index=False, version=117)
+    files.append(f)
+    f = tmp_path / "p_2010.parquet"
+    pl.DataFrame(
+        {"firm_id": list(range(11)), "flow": [0, 1] * 5 + [1], "hs_code": [1012100 + i for i in range(11)],
+         "partner": ["USA"] * 11, "value_usd": [1000.0 + i / 4 for i in range(11)],
+         "quantity": pl.Series([None, 3] * 5 + [None], dtype=pl.Int32)},
+    ).write_parquet(f, row_group_size=4)
+    files.append(f)
+    f = tmp_path / "empty_2010.parquet"
+    pl.DataFrame(schema={"firm_id": pl.String, "flow": pl.String, "hs_code": pl.Int64, "partner": pl.String,
+                         "value_usd": pl.Float64}).write_parquet(f)
+    files.append(f)
+    return files
+
+
+@pytest.mark.parametrize("batch_rows", [1, 2, 5, 1000])
+def test_iter_customs_file_concatenates_to_read_customs_file(tmp_path, batch_rows):
+    for f in _write_reader_zoo(tmp_path):
+        ref = read_customs_file(f, tmp_path)
+        parts = list(raw.iter_customs_file(f, tmp_path, batch_rows=batch_rows))
+        assert parts, f
+        df = pl.concat([p.df for p in parts], how="vertical")
+        assert df.schema == ref.df.schema, f
+        assert df.equals(ref.df), f  # same rows, values, nulls and source_row numbering
+        assert all(p.df.height <= max(batch_rows, 1) for p in parts), f
+        assert sum(p.n_blank_rows for p in parts) == ref.n_blank_rows, f
+        assert df.height == count_rows(f), f
+        assert {p.numeric_hs for p in parts} == {ref.numeric_hs}, f
+        assert {p.format for p in parts} == {ref.format} and parts[0].source_file == ref.source_file
+        assert parts[0].ignored_columns == ref.ignored_columns and parts[0].header_map == ref.header_map
+        if ref.format == "csv":
+            assert parts[0].encoding == ref.encoding and parts[0].delimiter == ref.delimiter
+            assert any(p.warnings for p in parts) == bool(ref.warnings), f
+        if batch_rows == 1 and df.height > 1:
+            assert len(parts) >= df.height, f
+
+
+def test_iter_customs_file_errors(tmp_path):
+    g = tmp_path / "r_2002.csv"
+    g.write_text("firm_id,flow,hs,partner,value\n1,E,1,USA,5\n2,E,1,USA,5,6\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="r_2002.csv"):
+        list(raw.iter_customs_file(g, tmp_path, batch_rows=1))
+    m = tmp_path / "m_2002.csv"
+    m.write_text("企业编码,进出口,起运国,美元\n1,出口,美国,5\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="hs_code"):
+        list(raw.iter_customs_file(m, tmp_path))
+    with pytest.raises(FileNotFoundError):
+        list(raw.iter_customs_file(tmp_path / "none_2002.csv", tmp_path))

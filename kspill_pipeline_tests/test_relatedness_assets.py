@@ -21,7 +21,8 @@ YEAR = 2009
 @pytest.fixture(scope="module")
 def run_store(tiny_universe, tmp_path_factory):
     st = tmp_path_factory.mktemp("rel_store")
-    rc = cli.main(["run", "--data", str(tiny_universe), "--store", str(st), "--ephemeral", "--years", str(YEAR)])
+    rc = cli.main(["run", "--data", str(tiny_universe), "--store", str(st), "--ephemeral", "--years", str(YEAR),
+                   "--select", "group:trade or group:relatedness"])
     assert rc == 0
     return st
 

@@ -80,3 +80,29 @@ def evaluate_contract(asset: str, df: pl.DataFrame, *, context: dict | None = No
             )
         )
     return results
+
+
+def record_gate(store_root, asset: str, year, results: list[AssetCheckResult]) -> list[AssetCheckResult]:
+    """Write the partition's blocking-check outcomes beside its data (io.store gate file), so that
+    gated assets in LATER runs can refuse partitions whose checks failed or never ran."""
+    from kspill_pipeline.io import store
+
+    store.write_gate(store_root, asset, year, {r.check_name: r.passed for r in results
+                                               if r.asset_key.to_user_string() == asset})
+    return results
+
+
+def require_gates(store_root, inputs: list[tuple[str, list]]) -> None:
+    """Raise a Failure naming every upstream partition with a failed or missing blocking check."""
+    from dagster import Failure
+
+    from kspill_pipeline.io import store
+
+    problems: list[str] = []
+    for asset, years in inputs:
+        problems += store.gate_problems(store_root, asset, years)
+    if problems:
+        raise Failure(
+            description="refusing to run on data that did not pass its blocking checks:\n- " + "\n- ".join(problems),
+            metadata={"problems": MetadataValue.json(problems)},
+        )

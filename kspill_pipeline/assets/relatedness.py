@@ -24,6 +24,7 @@ from kspill_pipeline.assets.contract_checks import (
     contract_check_specs,
     evaluate_contract,
     outcome_to_result,
+    record_gate,
 )
 from kspill_pipeline.config import RelatednessConfig
 from kspill_pipeline.contracts.loader import load_contract
@@ -87,16 +88,16 @@ def build_relatedness_assets(years_def) -> list:
         ins={"trade_clean": AssetIn()},
         check_specs=contract_check_specs("firm_city", ge=False),
     )
-    def firm_city(context: AssetExecutionContext, trade_clean: pl.LazyFrame, relatedness: RelatednessSettings):
+    def firm_city(context: AssetExecutionContext, trade_clean: pl.LazyFrame, relatedness: RelatednessSettings,
+                  paths: KspillPaths):
         from kspill_pipeline.compute.samples import firm_main_city
 
         cfg = relatedness.model()
         df = load_contract("firm_city").conform(firm_main_city(_sample(trade_clean, cfg)).collect())
         yield Output(df, metadata={"firms": df.height, "multi_city_firms": int((df["n_cities"] > 1).sum()),
                                    "config": _cfg_meta(cfg)})
-        from kspill_pipeline.reference.admin import prefectures
-
-        yield from evaluate_contract("firm_city", df, context={"ref_prefecture": prefectures()}, ge=False)
+        yield from record_gate(paths.store, "firm_city", int(context.partition_key),
+                               evaluate_contract("firm_city", df, ge=False))
 
     @asset(
         name="product_relatedness",
@@ -108,7 +109,7 @@ def build_relatedness_assets(years_def) -> list:
         check_specs=contract_check_specs("product_relatedness", extra=invariants.PHI_CHECKS, ge=False),
     )
     def product_relatedness(context: AssetExecutionContext, trade_clean: pl.LazyFrame,
-                            relatedness: RelatednessSettings):
+                            relatedness: RelatednessSettings, paths: KspillPaths):
         from kspill_pipeline.compute.relatedness_io import relatedness_long
 
         cfg = relatedness.model()
@@ -125,9 +126,10 @@ def build_relatedness_assets(years_def) -> list:
             "seconds": round(time.perf_counter() - t0, 3),
             "config": _cfg_meta(cfg),
         })
-        yield from evaluate_contract("product_relatedness", df, ge=False)
-        for o in invariants.phi_checks(df, variant=cfg.phi_variant, diagonal=cfg.phi_diagonal):
-            yield outcome_to_result("product_relatedness", o)
+        results = evaluate_contract("product_relatedness", df, ge=False)
+        results += [outcome_to_result("product_relatedness", o)
+                    for o in invariants.phi_checks(df, variant=cfg.phi_variant, diagonal=cfg.phi_diagonal)]
+        yield from record_gate(paths.store, "product_relatedness", year, results)
 
     @asset(
         name="city_export_rca",
@@ -205,7 +207,7 @@ def build_relatedness_assets(years_def) -> list:
         check_specs=contract_check_specs("city_import_density", ge=False),
     )
     def city_import_density(context: AssetExecutionContext, trade_clean: pl.LazyFrame, firm_city: pl.LazyFrame,
-                            product_relatedness: pl.LazyFrame, relatedness: RelatednessSettings):
+                            product_relatedness: pl.LazyFrame, relatedness: RelatednessSettings, paths: KspillPaths):
         from kspill_pipeline.compute.relatedness_io import basket_density_long, import_baskets
         from kspill_pipeline.reference.admin import prefectures
 
@@ -223,7 +225,8 @@ def build_relatedness_assets(years_def) -> list:
         df = load_contract("city_import_density").conform(df)
         yield Output(df, metadata={"cities": units.len(), "rows": df.height,
                                    "mean_density_city": float(df["density_city"].mean() or 0.0), "config": _cfg_meta(cfg)})
-        yield from evaluate_contract("city_import_density", df, context={"ref_prefecture": prefectures()}, ge=False)
+        yield from record_gate(paths.store, "city_import_density", int(context.partition_key),
+                               evaluate_contract("city_import_density", df, ge=False))
 
     @asset(
         name="firm_import_density",
@@ -254,6 +257,7 @@ def build_relatedness_assets(years_def) -> list:
         results = evaluate_contract("firm_import_density", df, ge=False)
         inv = invariants.city_ge_firm(df, firm_city.collect(), city_import_density.collect())
         results.append(outcome_to_result("firm_import_density", inv))
+        record_gate(paths.store, "firm_import_density", year, results)
         yield MaterializeResult(
             metadata={
                 "dagster/row_count": df.height,

@@ -6,6 +6,7 @@ Switches: the Dagster resource ``s000`` (``S000Settings``), one field per switch
 ``planted`` = phi from t-1 as the synthetic generator plants).
 """
 
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -21,7 +22,8 @@ from dagster import (
 
 from kspill_pipeline.assets.contract_checks import contract_check_specs, evaluate_contract
 from kspill_pipeline.contracts.checks import CheckOutcome
-from kspill_pipeline.assets.contract_checks import outcome_to_result
+from kspill_pipeline.assets.contract_checks import outcome_to_result, record_gate, require_gates
+from kspill_pipeline.resources import KspillPaths
 from kspill_pipeline.assets.relatedness import RelatednessSettings
 from kspill_pipeline.config import RelatednessConfig
 from kspill_pipeline.contracts.loader import load_contract
@@ -188,11 +190,15 @@ def build_s000_assets(years_def) -> list:
     def s000_panel(context: AssetExecutionContext, trade_clean: pl.LazyFrame, product_relatedness: pl.LazyFrame,
                    firm_import_density: pl.LazyFrame, city_import_density: pl.LazyFrame, firm_city: pl.LazyFrame,
                    s000_firm_controls: pl.LazyFrame, s000_city_marketization: pl.LazyFrame, s000: S000Settings,
-                   relatedness: RelatednessSettings):
+                   relatedness: RelatednessSettings, paths: KspillPaths):
         from kspill_pipeline.studies import s000 as st
 
         cfg = s000.model()
         year = int(context.partition_key)
+        lag_years = [year] + ([year - 1] if (cfg.phi_lag or cfg.import_dummy_lag)
+                              and year - 1 >= years_def.start.year else [])
+        require_gates(paths.store, [("trade_clean", lag_years), ("firm_city", [year]),
+                                    ("firm_import_density", [year]), ("city_import_density", [year])])
         controls = s000_firm_controls.collect()
         mkt = s000_city_marketization.collect()
         if st.stored_densities_usable(cfg) and _relatedness_matches(relatedness.model(), cfg):
@@ -220,15 +226,103 @@ def build_s000_assets(years_def) -> list:
             "export_rate": float(df["export"].mean() or 0.0) if df.height else None,
             "density_source": source, "config": _cfg_meta(cfg),
         })
-        yield from evaluate_contract("s000_panel", df, ge=True)
+        results = evaluate_contract("s000_panel", df, ge=True)
         inv = st.panel_invariants(df, cfg) if df.height else {}
         ok = (df.height == 0 and cand is None) or (
             inv.get("below_threshold", 0) == 0 and inv.get("city_lt_firm", 0) in (0, -1)
             and not inv.get("no_outcome_variation", False)
         )
-        yield outcome_to_result("s000_panel", CheckOutcome(
+        results.append(outcome_to_result("s000_panel", CheckOutcome(
             "panel_invariants", bool(ok), "; ".join(f"{k}={v}" for k, v in inv.items()) or source,
             {k: (int(v) if isinstance(v, (bool, int)) else v) for k, v in inv.items()},
-        ))
+        )))
+        yield from record_gate(paths.store, "s000_panel", year, results)
 
-    return [firm_export_history, s000_firm_controls, s000_city_marketization, s000_panel]
+    def _vcov(cfg: S000Config):
+        return "iid" if cfg.se_type == "mle_default" else {"CRV1": "firm_id"}
+
+    def _render(paths: KspillPaths, name: str, tidy: pl.DataFrame, which: list[str]) -> dict:
+        """Markdown, LaTeX and HTML renderings written beside the asset; returns their paths."""
+        from kspill_pipeline.studies.s000_models import render_s000
+
+        out_dir = paths.store / name / "rendered"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = {}
+        for w in which:
+            for fmt, ext in (("markdown", "md"), ("latex", "tex"), ("html", "html")):
+                f = out_dir / f"{w}.{ext}"
+                tmp = out_dir / f".tmp-{w}.{ext}"
+                tmp.write_text(render_s000(tidy, w, fmt), encoding="utf-8")
+                tmp.replace(f)
+                written[f"{w}.{ext}"] = str(f)
+        return written
+
+    def _panel_years(context) -> list[int]:
+        return sorted(int(k) for k in context.asset_partition_keys_for_input("s000_panel"))
+
+    @asset(
+        name="s000_table1",
+        group_name=GROUP,
+        description=_desc("s000_table1"),
+        kinds={"pyfixest", "parquet"},
+        ins={"s000_panel": AssetIn()},
+        check_specs=contract_check_specs("s000_table1", ge=False),
+        pool="kspill_heavy",
+    )
+    def s000_table1(context: AssetExecutionContext, s000_panel: pl.LazyFrame, s000: S000Settings,
+                    paths: KspillPaths):
+        """Pooled Probit, year and industry FE: columns (1)-(4) stepwise, (5) standardised, (6) AMEs
+        (paper-style and interaction-aware, Ai-Norton cross-partial), plus the LPM robustness column.
+        Refuses to run when any s000_panel year failed (or never ran) its blocking checks."""
+        from kspill_pipeline.studies import s000_models as m
+
+        cfg = s000.model()
+        years = _panel_years(context)
+        require_gates(paths.store, [("s000_panel", years), ("trade_clean", years)])
+        panel = s000_panel.collect()
+        t1 = m.table1(panel, vcov=_vcov(cfg), standardize_interaction=cfg.standardize_interaction)
+        tidy = m.tidy_all(t1.tidy, m.lpm(panel))
+        df = load_contract("s000_table1").conform(tidy)
+        files = _render(paths, "s000_table1", df, ["table1", "ame", "lpm"])
+        yield Output(df, metadata={
+            "n_obs": int(df.filter(pl.col("model") == "(4)")["n_obs"].max() or 0),
+            "years": MetadataValue.json(years),
+            "table1": MetadataValue.md(Path(files["table1.md"]).read_text(encoding="utf-8")),
+            "lpm": MetadataValue.md(Path(files["lpm.md"]).read_text(encoding="utf-8")),
+            "rendered": MetadataValue.json(files),
+            "seconds": MetadataValue.json(t1.timings),
+            "config": _cfg_meta(cfg),
+        })
+        yield from evaluate_contract("s000_table1", df, ge=False)
+
+    @asset(
+        name="s000_table2",
+        group_name=GROUP,
+        description=_desc("s000_table2"),
+        kinds={"pyfixest", "parquet"},
+        ins={"s000_panel": AssetIn()},
+        check_specs=contract_check_specs("s000_table2", ge=False),
+        pool="kspill_heavy",
+    )
+    def s000_table2(context: AssetExecutionContext, s000_panel: pl.LazyFrame, s000: S000Settings,
+                    paths: KspillPaths):
+        """Regional heterogeneity: East, West, high/mid/low marketization subsamples (full model).
+        Subsamples that cannot be estimated (no variation left) are skipped and listed."""
+        from kspill_pipeline.studies import s000_models as m
+
+        cfg = s000.model()
+        years = _panel_years(context)
+        require_gates(paths.store, [("s000_panel", years), ("trade_clean", years)])
+        t2 = m.table2(s000_panel.collect(), vcov=_vcov(cfg), on_empty="skip")
+        df = load_contract("s000_table2").conform(m.tidy_all(t2.tidy))
+        files = _render(paths, "s000_table2", df, ["table2"])
+        yield Output(df, metadata={
+            "years": MetadataValue.json(years),
+            "skipped_subsamples": MetadataValue.json(t2.skipped),
+            "table2": MetadataValue.md(Path(files["table2.md"]).read_text(encoding="utf-8")),
+            "rendered": MetadataValue.json(files),
+            "config": _cfg_meta(cfg),
+        })
+        yield from evaluate_contract("s000_table2", df, ge=False)
+
+    return [firm_export_history, s000_firm_controls, s000_city_marketization, s000_panel, s000_table1, s000_table2]

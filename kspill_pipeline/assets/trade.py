@@ -24,7 +24,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from kspill_pipeline.assets.contract_checks import contract_check_specs, evaluate_contract
+from kspill_pipeline.assets.contract_checks import contract_check_specs, evaluate_contract, record_gate
 from kspill_pipeline.config import KEYWORD_UNION, CleaningConfig
 from kspill_pipeline.contracts.checks import check_row_accounting
 from kspill_pipeline.contracts.loader import load_contract
@@ -130,9 +130,8 @@ def build_trade_assets(years_def) -> list:
         pool="kspill_heavy",
     )
     def clean_customs(context: AssetExecutionContext, config: TradeCleanConfig, paths: KspillPaths):
-        from kspill_pipeline.compute.cleaning import clean_customs as clean
-        from kspill_pipeline.compute.cleaning import parse_number
-        from kspill_pipeline.io.raw import count_rows, discover_files, read_customs_file
+        from kspill_pipeline.compute.cleaning import clean_customs_chunked, parse_number
+        from kspill_pipeline.io.raw import count_rows, discover_files, iter_customs_file
         from kspill_pipeline.reference.admin import prefectures
 
         year = int(context.partition_key)
@@ -145,19 +144,29 @@ def build_trade_assets(years_def) -> list:
                 "(file names must contain the year; see README 'Your own customs files')"
             )
         t0 = time.perf_counter()
-        frames, rows_counted, value_read = [], 0, 0.0
-        for f in files:
-            rf = read_customs_file(f, paths.data)
-            rows_counted += count_rows(f)
-            frames.append(rf.df.with_columns(pl.lit(rf.numeric_hs).alias("source_numeric_hs")))
-            value_read += float(rf.df.select(parse_number("value_usd").sum()).item() or 0.0)
-            context.log.info(
-                f"read {rf.source_file}: {rf.df.height} rows, format={rf.format}, encoding={rf.encoding}"
-                + (f", ignored columns {rf.ignored_columns}" if rf.ignored_columns else "")
-            )
-        raw = pl.concat(frames, how="vertical_relaxed")
-        t_read = time.perf_counter() - t0
-        res = clean(raw, year, cfg)
+        tally = {"rows_counted": 0, "value_read": 0.0, "seconds_read": 0.0}
+
+        def batches():
+            # one file after the other, in batches: only one batch of raw text is held at a time
+            for f in files:
+                t = time.perf_counter()
+                tally["rows_counted"] += count_rows(f)  # independent pass, for the accounting check
+                n, rf = 0, None
+                for rf in iter_customs_file(f, paths.data):
+                    n += rf.df.height
+                    tally["value_read"] += float(rf.df.select(parse_number("value_usd").sum()).item() or 0.0)
+                    tally["seconds_read"] += time.perf_counter() - t
+                    yield rf.df.with_columns(pl.lit(rf.numeric_hs).alias("source_numeric_hs"))
+                    t = time.perf_counter()
+                tally["seconds_read"] += time.perf_counter() - t
+                context.log.info(
+                    f"read {rf.source_file}: {n} rows, format={rf.format}, encoding={rf.encoding}"
+                    + (f", ignored columns {rf.ignored_columns}" if rf.ignored_columns else "")
+                )
+
+        res = clean_customs_chunked(batches(), year, cfg)
+        rows_counted, value_read = tally["rows_counted"], tally["value_read"]
+        t_read = tally["seconds_read"]
         t_clean = time.perf_counter() - t0 - t_read
 
         clean_df = load_contract("trade_clean").conform(res.clean)
@@ -208,8 +217,8 @@ def build_trade_assets(years_def) -> list:
         )
 
         refs = {"ref_prefecture": prefectures()}
-        yield from evaluate_contract("trade_clean", clean_df, context=refs)
-        yield from evaluate_contract("trade_quarantine", quar_df, ge=False)
+        clean_results = evaluate_contract("trade_clean", clean_df, context=refs)
+        quar_results = evaluate_contract("trade_quarantine", quar_df, ge=False)
         acc = check_row_accounting(
             rows_read=rows_counted,
             rows_kept=rows_kept,
@@ -218,13 +227,17 @@ def build_trade_assets(years_def) -> list:
             value_kept=value_kept,
             value_quarantined=value_quar,
         )
-        yield AssetCheckResult(
+        clean_results.append(AssetCheckResult(
             asset_key="trade_clean",
             check_name=ACCOUNTING_CHECK[0],
             passed=bool(acc.passed),
             severity=AssetCheckSeverity.ERROR,
             description=acc.description,
             metadata={k: (v if isinstance(v, (int, float, str, bool)) else MetadataValue.json(v)) for k, v in acc.metadata.items()},
-        )
+        ))
+        record_gate(paths.store, "trade_clean", year, clean_results)
+        record_gate(paths.store, "trade_quarantine", year, quar_results)
+        yield from clean_results
+        yield from quar_results
 
     return [customs_raw, ref_prefecture, ref_hs_concordance, clean_customs]

@@ -55,6 +55,16 @@ partner ISO3 and ``partner_is_hk``; city, province, macro region; HS concordance
 times the weight, ``source_rows`` = weight) and the annual aggregation at the trade_clean grain
 (``n_months`` = distinct months, 1 for annual rows).
 
+Two entry points with the same result: :func:`clean_customs` (one frame of the whole year, about
+1.2 GB extra per million raw rows at the peak) and :func:`clean_customs_chunked` (an iterable of
+frames, e.g. the batches of ``io.raw.iter_customs_file``; used by the ``clean_customs`` asset).
+Rules 1-13 are row-local, so the chunked path applies them per chunk of ``CLEAN_CHUNK_ROWS`` rows
+and keeps only the quarantine records and the compact parsed columns of the passing rows (codes as
+categoricals, about 130 bytes a row); rule 14, the firm-year attributes, the concordance and the
+aggregation then run once on those. Row order (``_rid``) is the position in the concatenation, so
+"first copy" and the quarantine order are the same; sums may add in another order (last-bit float
+differences).
+
 Accounting identities (checked and returned in ``CleanResult.accounting``):
 rows read = sum(source_rows kept) + rows quarantined; value read (parseable) = value kept + value
 quarantined (parseable), to 1e-9 relative.
@@ -63,7 +73,9 @@ quarantined (parseable), to 1e-9 relative.
 from __future__ import annotations
 
 import hashlib
+import os
 import unicodedata
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,7 +198,7 @@ def _map_unique(s: pl.Series, fn, dtype=pl.String) -> pl.Series:
     return s.replace_strict(mapping, default=None, return_dtype=dtype)
 
 
-def _prepare(raw: pl.DataFrame, source_numeric_hs: bool | None) -> pl.DataFrame:
+def _prepare(raw: pl.DataFrame, source_numeric_hs: bool | None, rid_offset: int = 0) -> pl.DataFrame:
     cols = []
     for c in RAW_FIELDS:
         if c in raw.columns:
@@ -200,10 +212,10 @@ def _prepare(raw: pl.DataFrame, source_numeric_hs: bool | None) -> pl.DataFrame:
     src_file = pl.col("source_file").cast(pl.String) if "source_file" in raw.columns else pl.lit(None, pl.String)
     src_row = (
         pl.col("source_row").cast(pl.Int64) if "source_row" in raw.columns
-        else pl.int_range(1, pl.len() + 1, dtype=pl.Int64)
+        else pl.int_range(rid_offset + 1, rid_offset + pl.len() + 1, dtype=pl.Int64)
     )
     return raw.select(
-        pl.int_range(0, pl.len(), dtype=pl.Int64).alias("_rid"),
+        pl.int_range(rid_offset, rid_offset + pl.len(), dtype=pl.Int64).alias("_rid"),
         src_file.alias("source_file"),
         src_row.alias("source_row"),
         num_hs.alias("_num_hs"),
@@ -215,24 +227,31 @@ def _prepare(raw: pl.DataFrame, source_numeric_hs: bool | None) -> pl.DataFrame:
 # main entry point
 # --------------------------------------------------------------------------------------------------
 
-def clean_customs(
-    raw: pl.DataFrame,
-    year: int,
-    cfg: CleaningConfig | None = None,
-    *,
-    source_numeric_hs: bool | None = None,
-) -> CleanResult:
-    """Clean one year of raw customs rows (see the module docstring for the rules and their order)."""
-    cfg = cfg or CleaningConfig()
+@dataclass(frozen=True)
+class _YearSetup:
+    year: int
+    vintage: str
+    target: str
+    conc: pl.DataFrame
+    valid_src: Any
+
+
+def _year_setup(year: int, cfg: CleaningConfig) -> _YearSetup:
     year = int(year)
     vintage = cfg.hs_vintage_by_year.get(year)
     if vintage is None:
         raise ValueError(f"no HS vintage configured for year {year} (cfg.hs_vintage_by_year)")
     target = cfg.hs_target_vintage
-    conc = hs.concordance(vintage, target, cfg.hs_mode)
-    valid_src = hs.valid_codes(vintage)
+    return _YearSetup(year, vintage, target, hs.concordance(vintage, target, cfg.hs_mode), hs.valid_codes(vintage))
 
-    df = _prepare(raw, source_numeric_hs)
+
+def _row_rules(
+    raw: pl.DataFrame, ys: _YearSetup, cfg: CleaningConfig, source_numeric_hs: bool | None, rid_offset: int = 0,
+) -> tuple[pl.DataFrame, pl.Expr]:
+    """Rules 1-13 (row-local): the prepared frame with ``_reason`` (first broken rule or null), the
+    parsed columns, and the expression of the rule detail (evaluated on quarantined rows only)."""
+    year, vintage, target, conc, valid_src = ys.year, ys.vintage, ys.target, ys.conc, ys.valid_src
+    df = _prepare(raw, source_numeric_hs, rid_offset)
     text = list(RAW_FIELDS)
     # trim; blank -> null (raw text kept for quarantine detail columns)
     df = df.with_columns(
@@ -342,46 +361,58 @@ def clean_customs(
     unl = pl.col("_reason").is_null() & pl.col("_city_code").is_null()
     df = df.with_columns(pl.when(unl).then(pl.lit("unmapped_region")).otherwise("_reason").alias("_reason"))
 
-    # ---- duplicates -----------------------------------------------------------------------------
-    df = _duplicates(df, cfg)
+    return df, detail
 
-    # ---- split ----------------------------------------------------------------------------------
-    quarantine = (
+
+def _quarantine_rows(df: pl.DataFrame, detail: pl.Expr, year: int, *, keep_rid: bool = False) -> pl.DataFrame:
+    """Quarantine records of the rows of ``df`` with a reason (``_detail`` set wins over ``detail``)."""
+    return (
         df.filter(pl.col("_reason").is_not_null())
         .sort("_rid")
         .with_columns(pl.coalesce(pl.col("_detail"), detail).alias("_detail"))
         .select(
+            *(["_rid"] if keep_rid else []),
             pl.lit(year, dtype=pl.Int32).alias("year"),
-            "source_file",
+            pl.col("source_file").cast(pl.String),
             "source_row",
             pl.col("_reason").alias("reason"),
             pl.col("_detail").alias("rule_detail"),
-            "firm_id",
-            pl.col("_raw_flow").alias("flow_raw"),
-            pl.col("_raw_hs_code").alias("hs_code_raw"),
-            pl.col("_raw_partner").alias("partner_raw"),
-            pl.col("_raw_region_code").alias("region_code_raw"),
-            pl.col("_raw_value_usd").alias("value_usd_raw"),
+            pl.col("firm_id").cast(pl.String),
+            pl.col("_raw_flow").cast(pl.String).alias("flow_raw"),
+            pl.col("_raw_hs_code").cast(pl.String).alias("hs_code_raw"),
+            pl.col("_raw_partner").cast(pl.String).alias("partner_raw"),
+            pl.col("_raw_region_code").cast(pl.String).alias("region_code_raw"),
+            pl.col("_raw_value_usd").cast(pl.String).alias("value_usd_raw"),
             pl.col("_value").alias("value_usd"),
         )
         .cast(QUARANTINE_SCHEMA)
     )
-    rows_read = df.height
-    value_read = float(df["_value"].sum() or 0.0)
-    kept = df.filter(pl.col("_reason").is_null()).select(
-        "firm_id", "firm_name", "region_code", "trade_mode", "ownership", "unit", "_month_f", "_flow", "_hs8",
-        "_hs6_src", "_iso3", "_city_code", "_city_source", "_value", "_qty", "_hs_padded", "_hs_truncated", "_num_hs",
-    )
+
+
+#: columns of the rows that pass rules 1-13, as needed by duplicates, enrichment and aggregation
+_KEPT_COLUMNS = (
+    "firm_id", "firm_name", "region_code", "trade_mode", "ownership", "unit", "_month_f", "_flow", "_hs8",
+    "_hs6_src", "_iso3", "_city_code", "_city_source", "_value", "_qty", "_hs_padded", "_hs_truncated", "_num_hs",
+)
+
+
+def _finish_year(
+    kept: pl.DataFrame, quarantine: pl.DataFrame, ys: _YearSetup, rows_read: int, value_read: float,
+    cfg: CleaningConfig,
+) -> CleanResult:
+    """Enrichment, annual aggregation, report and accounting from the kept rows (rules 1-14 passed)."""
+    year = ys.year
     padded_kept = int(kept["_hs_padded"].sum() or 0)
     padded_text_kept = int((kept["_hs_padded"] & ~kept["_num_hs"]).sum() or 0)
     truncated_kept = int(kept["_hs_truncated"].sum() or 0)
-    del df
+    padded_value = float(kept.filter(pl.col("_hs_padded"))["_value"].sum()) if padded_kept else 0.0
 
-    clean = _enrich_and_aggregate(kept, year, vintage, conc, cfg)
+    clean = _enrich_and_aggregate(kept, year, ys.vintage, ys.conc, cfg)
+    del kept
     report, accounting = _report(clean, quarantine, year, rows_read, value_read, cfg)
     accounting.update(
-        hs_vintage_raw=vintage,
-        hs_target_vintage=target,
+        hs_vintage_raw=ys.vintage,
+        hs_target_vintage=ys.target,
         hs_mode=cfg.hs_mode,
         hs7_padded_rows=padded_kept,
         hs7_padded_text_rows=padded_text_kept,
@@ -390,13 +421,153 @@ def clean_customs(
     if padded_kept:
         extra = pl.DataFrame(
             {"year": [year], "rule": ["flag:hs7_padded"], "action": ["flagged"], "rows": [float(padded_kept)],
-             "value_usd": [float(kept.filter(pl.col("_hs_padded"))["_value"].sum())]},
+             "value_usd": [padded_value]},
         ).with_columns(
             (pl.col("rows") / rows_read).alias("share_rows") if rows_read else pl.lit(None, pl.Float64).alias("share_rows"),
             (pl.col("value_usd") / value_read).alias("share_value") if value_read else pl.lit(None, pl.Float64).alias("share_value"),
         ).cast(REPORT_SCHEMA)
         report = pl.concat([report, extra])
     return CleanResult(clean=clean, quarantine=quarantine, report=report, accounting=accounting)
+
+
+def clean_customs(
+    raw: pl.DataFrame,
+    year: int,
+    cfg: CleaningConfig | None = None,
+    *,
+    source_numeric_hs: bool | None = None,
+) -> CleanResult:
+    """Clean one year of raw customs rows (see the module docstring for the rules and their order).
+
+    Single shot: the whole year is in memory as text (about 1.2 GB extra per million raw rows at the
+    peak); :func:`clean_customs_chunked` gives the same result in bounded memory.
+    """
+    cfg = cfg or CleaningConfig()
+    ys = _year_setup(year, cfg)
+    year = ys.year
+    df, detail = _row_rules(raw, ys, cfg, source_numeric_hs)
+
+    # ---- duplicates -----------------------------------------------------------------------------
+    df = _duplicates(df, cfg)
+
+    # ---- split ----------------------------------------------------------------------------------
+    quarantine = _quarantine_rows(df, detail, year)
+    rows_read = df.height
+    value_read = float(df["_value"].sum() or 0.0)
+    kept = df.filter(pl.col("_reason").is_null()).select(*_KEPT_COLUMNS)
+    del df
+    return _finish_year(kept, quarantine, ys, rows_read, value_read, cfg)
+
+
+#: rows per chunk of :func:`clean_customs_chunked` (peak about 1.2 GB extra per million rows)
+CLEAN_CHUNK_ROWS = int(os.environ.get("KSPILL_CLEAN_CHUNK_ROWS", "1000000"))
+
+_CAT = pl.Categorical()
+#: compact dtypes of the kept rows held between the chunk pass and the year pass (codes as categoricals)
+_COMPACT: dict[str, pl.DataType] = {
+    "_rid": pl.Int64(), "source_file": _CAT, "source_row": pl.Int64(),
+    "firm_id": _CAT, "firm_name": _CAT, "region_code": _CAT, "trade_mode": _CAT, "ownership": _CAT, "unit": _CAT,
+    "_month_f": pl.Int8(), "_flow": _CAT, "_hs8": _CAT, "_hs6_src": _CAT, "_iso3": _CAT, "_city_code": _CAT,
+    "_city_source": _CAT, "_value": pl.Float64(), "_qty": pl.Float64(), "_hs_padded": pl.Boolean(),
+    "_hs_truncated": pl.Boolean(), "_num_hs": pl.Boolean(),
+    # raw text of the fields the quarantine records, for rows that turn out to be duplicates
+    "_raw_flow": _CAT, "_raw_hs_code": _CAT, "_raw_partner": _CAT, "_raw_region_code": _CAT,
+    "_raw_value_usd": pl.String(),
+}
+
+
+def _split_rows(frames: Iterable[pl.DataFrame], chunk_rows: int) -> Iterator[pl.DataFrame]:
+    for f in frames:
+        if f.height <= chunk_rows:
+            yield f
+        else:
+            for off in range(0, f.height, chunk_rows):
+                yield f.slice(off, chunk_rows)
+
+
+def clean_customs_chunked(
+    frames: Iterable[pl.DataFrame],
+    year: int,
+    cfg: CleaningConfig | None = None,
+    *,
+    source_numeric_hs: bool | None = None,
+    chunk_rows: int | None = None,
+) -> CleanResult:
+    """:func:`clean_customs` of the concatenation of ``frames`` (in order) in bounded memory.
+
+    ``frames`` is any iterable of raw frames (e.g. the batches of :func:`io.raw.iter_customs_file`
+    over a year's files); frames longer than ``chunk_rows`` (default ``CLEAN_CHUNK_ROWS``) are
+    sliced. Rules 1-13 are row-local and run per chunk; only the compact parsed columns of the rows
+    that pass (codes as categoricals) and the quarantine records are kept. Duplicates (rule 14), the
+    firm-year attributes, the concordance and the annual aggregation then run once on the kept rows.
+    Same rows, values (to float rounding of sums), quarantine reasons and report as the single shot.
+    A frame without ``source_row`` is numbered by its position in the concatenation, as there.
+    """
+    cfg = cfg or CleaningConfig()
+    ys = _year_setup(year, cfg)
+    n_chunk = int(chunk_rows or CLEAN_CHUNK_ROWS)
+    if n_chunk < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    kept_parts: list[pl.DataFrame] = []
+    quar_parts: list[pl.DataFrame] = []
+    rows_read = 0
+    value_read = 0.0
+    for raw in _split_rows(frames, n_chunk):
+        df, detail = _row_rules(raw, ys, cfg, source_numeric_hs, rid_offset=rows_read)
+        rows_read += df.height
+        value_read += float(df["_value"].sum() or 0.0)
+        quar_parts.append(_quarantine_rows(df, detail, ys.year, keep_rid=True))
+        kept_parts.append(
+            df.filter(pl.col("_reason").is_null()).select(
+                [pl.col(c).cast(t) for c, t in _COMPACT.items()]
+            )
+        )
+        del df, raw
+    schema = dict(_COMPACT)
+    kept = pl.concat(kept_parts, how="vertical", rechunk=True) if kept_parts else pl.DataFrame(schema=schema)
+    kept_parts.clear()
+    kept, dup_q = _duplicates_compact(kept, cfg, ys.year)
+    quar_parts.append(dup_q)
+    quarantine = pl.concat(quar_parts, how="vertical").sort("_rid").drop("_rid")
+    quar_parts.clear()
+    kept = kept.select(*_KEPT_COLUMNS)
+    return _finish_year(kept, quarantine, ys, rows_read, value_read, cfg)
+
+
+def _duplicates_compact(kept: pl.DataFrame, cfg: CleaningConfig, year: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Rule 14 on the kept rows of all chunks (in ``_rid`` order): (rows still kept, quarantine
+    records with ``_rid`` of the duplicates). Same decisions and details as :func:`_duplicates`."""
+    empty_q = pl.DataFrame(schema={"_rid": pl.Int64(), **QUARANTINE_SCHEMA})
+    if cfg.duplicate_policy == "sum" or kept.height == 0:
+        return kept, empty_q
+    key = list(_DUP_KEY)
+    g = kept.select(
+        "_rid", "source_row", *key, "_value", "_qty", pl.len().over(key).alias("_n")
+    ).filter(pl.col("_n") > 1)
+    if g.height == 0:
+        return kept, empty_q
+    g = g.with_columns(
+        (
+            (pl.col("_value").n_unique().over(key) > 1)
+            | (pl.col("_qty").n_unique().over(key) > 1)
+        ).alias("_conflict"),
+        (pl.col("_rid") == pl.col("_rid").min().over(key)).alias("_first"),
+        pl.col("source_row").sort_by("_rid").first().over(key).alias("_first_row"),
+    ).select(
+        "_rid",
+        pl.when(pl.col("_conflict")).then(pl.lit("duplicate_conflict"))
+        .when(~pl.col("_first")).then(pl.lit("duplicate_exact"))
+        .alias("_reason"),
+        pl.when(pl.col("_conflict")).then(
+            pl.lit("same key as ") + (pl.col("_n") - 1).cast(pl.String) + pl.lit(" other row(s) with different value/quantity")
+        ).when(~pl.col("_first")).then(
+            pl.lit("exact copy of an earlier row (source_row ") + pl.col("_first_row").cast(pl.String) + pl.lit(")")
+        ).alias("_detail"),
+    ).filter(pl.col("_reason").is_not_null())
+    is_dup = pl.col("_rid").is_in(g["_rid"].implode())
+    q = kept.filter(is_dup).join(g, on="_rid", how="left", maintain_order="left")
+    q = _quarantine_rows(q, pl.lit(None, dtype=pl.String), year, keep_rid=True)
+    return kept.filter(~is_dup), q
 
 
 # --------------------------------------------------------------------------------------------------
@@ -494,7 +665,7 @@ def _firm_names(kept: pl.DataFrame, cfg: CleaningConfig) -> pl.DataFrame:
     names = kept.select("firm_id", "firm_name").filter(pl.col("firm_name").is_not_null())
     uniq = names["firm_name"].unique()
     nmap = pl.DataFrame({"firm_name": uniq, "_hash": _map_unique(uniq, name_hash)}).with_columns(
-        pl.col("firm_name").str.normalize("NFKC").str.replace_all(r"\s", "").alias("_norm"),
+        pl.col("firm_name").cast(pl.String).str.normalize("NFKC").str.replace_all(r"\s", "").alias("_norm"),
     ).filter(pl.col("_hash").is_not_null())
     counts = (
         names.join(nmap, on="firm_name", how="inner")
@@ -517,23 +688,55 @@ def _firm_names(kept: pl.DataFrame, cfg: CleaningConfig) -> pl.DataFrame:
     )
 
 
+def _lookup(frame: pl.DataFrame, key: str, table: pl.DataFrame) -> pl.DataFrame:
+    """The columns of ``table`` (unique on ``key``) for every row of ``frame`` (in order, null when
+    absent): a left join of the key column only, so the wide frame is never copied."""
+    return frame.select(key).join(table, on=key, how="left", maintain_order="left").drop(key)
+
+
 def _enrich_and_aggregate(
     kept: pl.DataFrame, year: int, vintage: str, conc: pl.DataFrame, cfg: CleaningConfig
 ) -> pl.DataFrame:
+    """Firm-year attributes, concordance and the annual aggregation of the kept rows.
+
+    The kept columns may be String (single shot) or Categorical (chunked path); attributes that are
+    constant within an output row (trade mode class, firm-year ownership and name, prefecture) are
+    looked up after the aggregation, on the key column only (memory: no copy of the wide frame).
+    """
     if kept.height == 0:
         return pl.DataFrame(schema=CLEAN_SCHEMA)
     firms = _firm_names(kept, cfg)
-    tm = kept["trade_mode"].unique()
-    tm_map = pl.DataFrame({"trade_mode": tm, "trade_mode_class": trade_modes.classify_trade_mode(tm)})
-    ow = kept["ownership"].unique()
+    # lookups over unique values; the kept columns may be String or Categorical (chunked path)
+    tm = kept["trade_mode"].unique().cast(pl.String)
+    tm_map = dict(zip(tm.to_list(), trade_modes.classify_trade_mode(tm).to_list()))
+    ow = kept["ownership"].unique().cast(pl.String)
     ow_map = pl.DataFrame({"ownership": ow, "_own_row": ownership.classify_ownership(ow)}).with_columns(
         pl.when(pl.col("ownership").is_null()).then(None).otherwise("_own_row").alias("_own_row")
     )
-    pref = admin.prefectures().select("city_code", "province_code", "macro_region")
+    own_expr = pl.col("ownership").replace_strict(
+        {k: v for k, v in zip(ow_map["ownership"].to_list(), ow_map["_own_row"].to_list()) if k is not None},
+        default=None, return_dtype=pl.String)
+    pref = admin.prefectures().select(
+        pl.col("city_code").cast(kept.schema["_city_code"]), "province_code", "macro_region"
+    )
+    rc = kept["region_code"].unique().drop_nulls().cast(pl.String)
+    rc5 = rc.filter(rc.str.contains(r"^\d{5}$")).cast(kept.schema["region_code"])
+
+    own = None
+    if cfg.ownership_rule == "largest_value":
+        own = (
+            kept.select("firm_id", own_expr.alias("_own_row"), pl.col("_value").alias("_v"))
+            .filter(pl.col("_own_row").is_not_null())
+            .group_by("firm_id", "_own_row").agg(pl.col("_v").sum())
+            .sort(["firm_id", "_v", "_own_row"], descending=[False, True, False])
+            .group_by("firm_id", maintain_order=True).first()
+            .select("firm_id", pl.col("_own_row").alias("ownership_class"))
+        )
 
     base = (
         kept.select(
-            "firm_id", "region_code", "trade_mode", "ownership", "unit",
+            "firm_id", "region_code", "trade_mode", "unit",
+            *([own_expr.alias("_own_row")] if cfg.ownership_rule != "largest_value" else []),
             pl.col("_month_f").cast(pl.Int16).alias("_month"),
             pl.col("_flow").alias("flow"),
             pl.col("_hs8").alias("hs8_raw"),
@@ -545,33 +748,24 @@ def _enrich_and_aggregate(
             pl.col("_qty").alias("_q"),
         )
         .with_columns(
-            pl.col("trade_mode").replace_strict(
-                dict(zip(tm_map["trade_mode"].to_list(), tm_map["trade_mode_class"].to_list())),
-                default="other", return_dtype=pl.String).alias("trade_mode_class"),
-            pl.col("ownership").replace_strict(
-                {k: v for k, v in zip(ow_map["ownership"].to_list(), ow_map["_own_row"].to_list()) if k is not None},
-                default=None, return_dtype=pl.String).alias("_own_row"),
-        )
-        .with_columns(
             # region_code as given when 5 digits, null when the city came from the address
-            pl.when(pl.col("region_code").str.contains(r"^\d{5}$") & (pl.col("city_source") != "address"))
+            pl.when(pl.col("region_code").is_in(rc5.implode()) & (pl.col("city_source") != "address"))
             .then("region_code").alias("region_code"),
         )
     )
-    if cfg.ownership_rule == "largest_value":
-        own = (
-            base.filter(pl.col("_own_row").is_not_null())
-            .group_by("firm_id", "_own_row").agg(pl.col("_v").sum())
-            .sort(["firm_id", "_v", "_own_row"], descending=[False, True, False])
-            .group_by("firm_id", maintain_order=True).first()
-            .select("firm_id", pl.col("_own_row").alias("ownership_class"))
-        )
-        base = base.join(own, on="firm_id", how="left").with_columns(pl.col("ownership_class").fill_null("other"))
+    del kept
 
     c = conc.select(
-        pl.col("source_hs6").alias("_hs6_src"), pl.col("target_hs6").alias("hs6"), pl.col("weight").alias("hs_split_weight")
+        pl.col("source_hs6").cast(base.schema["_hs6_src"]).alias("_hs6_src"),
+        pl.col("target_hs6").cast(base.schema["_hs6_src"]).alias("hs6"),
+        pl.col("weight").alias("hs_split_weight"),
     )
-    base = base.join(c, on="_hs6_src", how="inner").with_columns(
+    if c["_hs6_src"].is_unique().all():
+        # one target per source code (single_target): a lookup; every kept code has a target (rule 8)
+        base = base.with_columns(_lookup(base, "_hs6_src", c).get_columns())
+    else:
+        base = base.join(c, on="_hs6_src", how="inner")
+    base = base.with_columns(
         (pl.col("_v") * pl.col("hs_split_weight")).alias("_v"),
         (pl.col("_q") * pl.col("hs_split_weight")).alias("_q"),
     )
@@ -579,35 +773,47 @@ def _enrich_and_aggregate(
             "trade_mode", "unit"]
     aggs = [
         pl.col("hs_split_weight").first(),
-        pl.col("trade_mode_class").first(),
         pl.col("_v").sum().alias("value_usd"),
         pl.when(pl.col("_q").count() > 0).then(pl.col("_q").sum()).alias("quantity"),
         pl.col("_month").drop_nulls().n_unique().clip(1, 12).cast(pl.Int16).alias("n_months"),
         pl.col("hs_split_weight").sum().alias("source_rows"),
     ]
-    if cfg.ownership_rule == "largest_value":
-        aggs.append(pl.col("ownership_class").first())
-    else:
+    if cfg.ownership_rule != "largest_value":
         aggs.append(
             pl.col("_own_row").fill_null("other").sort_by(["_v", "_own_row"], descending=[True, False])
             .first().alias("ownership_class")
         )
     out = base.group_by(keys).agg(aggs)
-    out = (
-        out.join(firms, on="firm_id", how="left")
-        .join(pref, on="city_code", how="left")
-        .with_columns(
-            pl.lit(year, dtype=pl.Int32).alias("year"),
-            pl.lit(vintage).alias("hs_vintage_raw"),
-            pl.col("hs6").str.slice(0, 4).alias("hs4"),
-            pl.col("hs6").str.slice(0, 2).alias("hs2"),
-            countries.is_hk(pl.col("partner_iso3")).alias("partner_is_hk"),
-            pl.col("trade_mode").alias("trade_mode_raw"),
-            pl.col("intermediary_keywords").fill_null(pl.lit([], dtype=pl.List(pl.String))),
-            pl.col("is_intermediary").fill_null(False),
-        )
+    del base
+    out = out.with_columns(
+        pl.col("trade_mode").cast(pl.String).replace_strict(tm_map, default="other", return_dtype=pl.String)
+        .alias("trade_mode_class"),
+        *_lookup(out, "firm_id", firms).get_columns(),
+        *_lookup(out, "city_code", pref).get_columns(),
     )
-    return out.select(list(CLEAN_SCHEMA)).cast(CLEAN_SCHEMA).sort(list(GRAIN), nulls_last=True)
+    if own is not None:
+        out = out.with_columns(_lookup(out, "firm_id", own).get_columns()).with_columns(pl.col("ownership_class").fill_null("other"))
+    out = out.with_columns(
+        pl.lit(year, dtype=pl.Int32).alias("year"),
+        pl.lit(vintage).alias("hs_vintage_raw"),
+        pl.col("hs6").cast(pl.String).str.slice(0, 4).alias("hs4"),
+        pl.col("hs6").cast(pl.String).str.slice(0, 2).alias("hs2"),
+        countries.is_hk(pl.col("partner_iso3")).alias("partner_is_hk"),
+        pl.col("trade_mode").alias("trade_mode_raw"),
+        pl.col("intermediary_keywords").fill_null(pl.lit([], dtype=pl.List(pl.String))),
+        pl.col("is_intermediary").fill_null(False),
+    )
+    # sort on the (maybe categorical) keys: categoricals sort by their strings, as the String output;
+    # then gather and cast column by column, so that at most one column exists twice (memory)
+    order = out.select(list(GRAIN)).with_row_index("_i").sort(list(GRAIN), nulls_last=True)["_i"]
+    out = out.select(list(CLEAN_SCHEMA))
+    cols = []
+    for name, dtype in CLEAN_SCHEMA.items():
+        col = out.get_column(name)
+        out = out.drop(name)
+        cols.append(col.gather(order).cast(dtype))
+        del col
+    return pl.DataFrame(cols)
 
 
 def _report(
@@ -630,8 +836,10 @@ def _report(
         rows.append((f"quarantine:{r}", "quarantined", n, v))
 
     def flag(mask: pl.Expr) -> tuple[float, float]:
-        f = clean.filter(mask)
-        return float(f["source_rows"].sum() or 0.0), float(f["value_usd"].sum() or 0.0)
+        r, v = clean.select(
+            pl.col("source_rows").filter(mask).sum(), pl.col("value_usd").filter(mask).sum()
+        ).row(0)
+        return float(r or 0.0), float(v or 0.0)
 
     rows.append(("flag:intermediary", "flagged", *flag(pl.col("is_intermediary"))))
     rows.append(("flag:processing", "flagged", *flag(pl.col("trade_mode_class") == "processing")))

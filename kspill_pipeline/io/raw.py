@@ -46,7 +46,8 @@ import io
 import os
 import re
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import polars as pl
@@ -60,6 +61,7 @@ __all__ = [
     "customs_root",
     "detect_encoding",
     "discover_files",
+    "iter_customs_file",
     "read_customs_file",
     "read_year",
     "sniff_delimiter",
@@ -71,6 +73,8 @@ REQUIRED_FIELDS = ("firm_id", "flow", "hs_code", "partner", "value_usd")
 DELIMITERS = (",", "\t", "|", ";")
 CHUNK_BYTES = 4 << 20
 STATA_CHUNK_ROWS = 250_000
+#: default rows per batch of :func:`iter_customs_file` (override with ``KSPILL_RAW_BATCH_ROWS``)
+RAW_BATCH_ROWS = int(os.environ.get("KSPILL_RAW_BATCH_ROWS", "1000000"))
 _YEAR_RE = re.compile(r"(?<![0-9])(19[9][0-9]|20[0-9]{2})(?![0-9])")
 _YM_RE = re.compile(r"(?<![0-9])(19[9][0-9]|20[0-9]{2})(0[1-9]|1[0-2])(?:[0-3][0-9])?(?![0-9])")
 _IGNORED_DIRS = {"_truth"}
@@ -418,18 +422,21 @@ def _is_numeric_dtype(dt: pl.DataType) -> bool:
 # --------------------------------------------------------------------------------------------------
 # readers
 # --------------------------------------------------------------------------------------------------
-def _read_csv_python(src: Path, delim: str, encoding: str, n_cols: int, path: Path) -> pl.DataFrame:
-    """Fallback CSV parse with the ``csv`` module (streaming, 200k-record column batches)."""
+def _iter_csv_python(
+    src: Path, delim: str, encoding: str, n_cols: int, path: Path, batch_rows: int = 200_000, skip: int = 0,
+) -> Iterator[pl.DataFrame]:
+    """CSV parse with the ``csv`` module in column batches of ``batch_rows`` records; the first
+    ``skip`` records are parsed (and checked) but not returned. At least one (maybe empty) frame."""
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
     names = [f"c{i}" for i in range(n_cols)]
-    batches: list[pl.DataFrame] = []
     cols: list[list[str | None]] = [[] for _ in range(n_cols)]
+    emitted = False
 
-    def flush() -> None:
-        if cols[0] or not batches:
-            batches.append(pl.DataFrame({n: pl.Series(v, dtype=pl.String) for n, v in zip(names, cols)}))
+    def frame() -> pl.DataFrame:
+        out = pl.DataFrame({n: pl.Series(v, dtype=pl.String) for n, v in zip(names, cols)})
         for v in cols:
             v.clear()
+        return out
 
     with open(src, encoding=encoding, errors="replace", newline="") as f:
         reader = csv.reader(f, delimiter=delim)
@@ -440,12 +447,21 @@ def _read_csv_python(src: Path, delim: str, encoding: str, n_cols: int, path: Pa
                     f"{path}: record {i} has {len(rec)} fields but the header has {n_cols} "
                     f"(delimiter {delim!r}); quote fields that contain the delimiter"
                 )
+            if i <= skip:
+                continue
             for j in range(n_cols):
                 v = rec[j] if j < len(rec) else ""
                 cols[j].append(v if v != "" else None)
-            if len(cols[0]) >= 200_000:
-                flush()
-    flush()
+            if len(cols[0]) >= batch_rows:
+                emitted = True
+                yield frame()
+    if cols[0] or not emitted:
+        yield frame()
+
+
+def _read_csv_python(src: Path, delim: str, encoding: str, n_cols: int, path: Path) -> pl.DataFrame:
+    """Fallback CSV parse with the ``csv`` module (streaming, 200k-record column batches)."""
+    batches = list(_iter_csv_python(src, delim, encoding, n_cols, path))
     return pl.concat(batches, how="vertical") if len(batches) > 1 else batches[0]
 
 
@@ -620,6 +636,174 @@ def _read_parquet(path: Path, data_dir, contract: Contract) -> RawFrame:
         df=out, source_file=_rel(path, data_dir), encoding=None, format="parquet", numeric_hs=numeric_hs,
         ignored_columns=ignored, header_map=mapping, year_from_name=year, warnings=warnings,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# batched readers (bounded memory): concatenating the batches gives read_customs_file's frame
+# --------------------------------------------------------------------------------------------------
+def _iter_csv(path: Path, data_dir, contract: Contract, batch_rows: int) -> Iterator[RawFrame]:
+    enc, lossy = detect_encoding(path)
+    sample = _text_sample(path, enc)
+    delim = sniff_delimiter(sample)
+    first = next(csv.reader(io.StringIO(sample, newline=""), delimiter=delim), [])
+    headers = _dedupe_headers(list(first), contract, path)
+    mapping, ignored = _map_headers(headers, contract, path)
+    _check_required(mapping, headers, contract, path)
+    year = _safe_year(path, data_dir)
+    rel = _rel(path, data_dir)
+    proto = RawFrame(
+        df=pl.DataFrame(), source_file=rel, encoding=enc + (" (lossy)" if lossy else ""), format="csv",
+        numeric_hs=False, ignored_columns=ignored, header_map=mapping, year_from_name=year, delimiter=delim,
+    )
+    blank = pl.all_horizontal([pl.col(h).is_null() for h in headers]) if headers else pl.lit(False)
+
+    def shape(b: pl.DataFrame, offset: int, warnings: list[str]) -> RawFrame:
+        if len(b.columns) != len(headers):
+            raise ValueError(f"{path}: parsed {len(b.columns)} columns but the header has {len(headers)}")
+        b.columns = headers
+        b = b.with_columns(pl.int_range(offset, offset + b.height, dtype=pl.Int64).alias("source_row"))
+        n_before = b.height
+        b = b.filter(~blank)
+        out = _finish(b.select(["source_row", *mapping.keys()]), mapping, contract, rel, year, path)
+        return replace(proto, df=out, n_blank_rows=n_before - b.height, warnings=list(warnings))
+
+    tmp: Path | None = None
+    src = path
+    polars_enc = "utf8"
+    if enc in ("utf-8", "utf-8-sig"):
+        polars_enc = "utf8-lossy" if lossy else "utf8"
+    else:
+        tmp = _transcode(path, enc, lossy)
+        src = tmp
+    done = 0  # records handed out so far (blank ones included)
+    try:
+        try:
+            lf = pl.scan_csv(
+                src, has_header=True, separator=delim, quote_char='"', infer_schema=False,
+                encoding=polars_enc, raise_if_empty=False,
+            )
+            for b in lf.collect_batches(chunk_size=batch_rows):
+                if b.height == 0:
+                    continue
+                rf = shape(b, done + 1, [])
+                done += b.height
+                yield rf
+            if done == 0:
+                yield shape(pl.DataFrame({h: pl.Series([], dtype=pl.String) for h in headers}), 1, [])
+        except pl.exceptions.PolarsError as exc:
+            if "more fields" in str(exc):
+                raise ValueError(
+                    f"{path}: a record has more fields than the header (delimiter {delim!r}); "
+                    f"quote fields that contain the delimiter: {exc}"
+                ) from None
+            # as read_customs_file: the csv module takes over (from the first record not handed out)
+            warn = [f"parsed with the csv module after polars failed: {str(exc)[:200]}"]
+            first_batch = done == 0
+            for b in _iter_csv_python(src, delim, "utf-8", len(headers), path, batch_rows=batch_rows, skip=done):
+                if b.height == 0 and not first_batch:
+                    continue
+                rf = shape(b, done + 1, warn)
+                done += b.height
+                first_batch = False
+                yield rf
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def _iter_dta(path: Path, data_dir, contract: Contract, batch_rows: int) -> Iterator[RawFrame]:
+    import pandas as pd  # noqa: PLC0415
+
+    year = _safe_year(path, data_dir)
+    rel = _rel(path, data_dir)
+    with pd.read_stata(
+        path, convert_categoricals=True, preserve_dtypes=True, convert_dates=True,
+        chunksize=batch_rows, order_categoricals=False,
+    ) as reader:
+        labels = reader.variable_labels()
+        fmt_version = getattr(reader, "_format_version", 118)
+        headers: list[str] | None = None
+        mapping: dict[str, str] = {}
+        ignored: list[str] = []
+        offset = 1
+        for chunk in reader:
+            if headers is None:
+                headers = [str(c) for c in chunk.columns]
+                mapping, ignored = _map_headers(headers, contract, path, labels=labels)
+                _check_required(mapping, headers, contract, path)
+            warnings: list[str] = []
+            pdf = pl.from_pandas(chunk[list(mapping.keys())], include_index=False)
+            hs_raw = next(k for k, v in mapping.items() if v == "hs_code")
+            numeric_hs = _is_numeric_dtype(pdf.schema[hs_raw])
+            if numeric_hs and pdf.schema[hs_raw] == pl.Float32:
+                warnings.append("hs_code stored as float32: codes above 16,777,216 may be rounded")
+            pdf = _stringify(pdf)
+            fixed = False
+            if fmt_version < 118:
+                pdf, fixed = _redecode_legacy(pdf)
+            pdf = pdf.with_columns(pl.int_range(offset, offset + pdf.height, dtype=pl.Int64).alias("source_row"))
+            offset += pdf.height
+            enc = f"stata-{fmt_version}" + (" (latin-1 re-decoded as gb18030)" if fixed else "")
+            yield RawFrame(
+                df=_finish(pdf, mapping, contract, rel, year, path), source_file=rel, encoding=enc, format="dta",
+                numeric_hs=numeric_hs, ignored_columns=ignored, header_map=mapping, year_from_name=year,
+                warnings=warnings,
+            )
+    if headers is None:  # no rows: the one-shot reader handles the header-only case
+        yield read_customs_file(path, data_dir, contract=contract)
+
+
+def _iter_parquet(path: Path, data_dir, contract: Contract, batch_rows: int) -> Iterator[RawFrame]:
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    schema = pl.read_parquet_schema(path)
+    headers = list(schema.keys())
+    mapping, ignored = _map_headers(headers, contract, path)
+    _check_required(mapping, headers, contract, path)
+    hs_raw = next(k for k, v in mapping.items() if v == "hs_code")
+    year = _safe_year(path, data_dir)
+    rel = _rel(path, data_dir)
+    n = int(pq.ParquetFile(path).metadata.num_rows)
+    for off in range(0, max(n, 1), batch_rows):
+        df = pl.scan_parquet(path).select(list(mapping.keys())).slice(off, batch_rows).collect()
+        numeric_hs = _is_numeric_dtype(df.schema[hs_raw])
+        warnings = ["hs_code stored as float32: codes above 16,777,216 may be rounded"] if df.schema[hs_raw] == pl.Float32 else []
+        df = _stringify(df).with_columns(pl.int_range(off + 1, off + 1 + pl.len(), dtype=pl.Int64).alias("source_row"))
+        yield RawFrame(
+            df=_finish(df, mapping, contract, rel, year, path), source_file=rel, encoding=None, format="parquet",
+            numeric_hs=numeric_hs, ignored_columns=ignored, header_map=mapping, year_from_name=year,
+            warnings=warnings,
+        )
+
+
+def iter_customs_file(
+    path: Path | str, data_dir: Path | str, *, batch_rows: int | None = None, contract: Contract | None = None,
+) -> Iterator[RawFrame]:
+    """Read one customs file in batches of at most about ``batch_rows`` rows (default
+    ``RAW_BATCH_ROWS``), each a :class:`RawFrame` with the file's metadata.
+
+    Concatenating the batches' ``df`` gives exactly :func:`read_customs_file`'s frame (same rows,
+    values and ``source_row`` numbering; blank CSV records dropped, ``n_blank_rows`` per batch). At
+    least one batch (maybe empty) is yielded per file. Memory: one batch of text columns (plus, for
+    non-UTF-8 CSV, the temporary UTF-8 copy on disk). Errors are raised as by
+    :func:`read_customs_file`, a malformed record possibly only after the batches before it.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(p)
+    n = int(batch_rows or RAW_BATCH_ROWS)
+    if n < 1:
+        raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+    c = _customs_contract(contract)
+    ext = p.suffix.lower()
+    if ext in {".csv", ".txt", ".tsv"}:
+        yield from _iter_csv(p, data_dir, c, n)
+    elif ext == ".dta":
+        yield from _iter_dta(p, data_dir, c, n)
+    elif ext == ".parquet":
+        yield from _iter_parquet(p, data_dir, c, n)
+    else:
+        raise ValueError(f"{p}: unsupported extension {p.suffix!r} (expected one of {sorted(CUSTOMS_EXTENSIONS)})")
 
 
 def read_customs_file(path: Path | str, data_dir: Path | str, *, contract: Contract | None = None) -> RawFrame:

@@ -285,3 +285,57 @@ def scan_parts(final_dir: Path | str) -> pl.LazyFrame:
     if not files:
         raise FileNotFoundError(f"{final_dir}: the current generation has no files")
     return pl.scan_parquet([str(p) for p in files], hive_partitioning=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# check gates: the outcome of a partition's blocking checks, stored beside its data
+# ------------------------------------------------------------------------------------------------
+
+GATE_NAME = "_checks.json"
+
+
+def data_fingerprint(root: Path | str, asset: str, year: int | str | None) -> str:
+    """Names, sizes and mtimes of the partition's published files (changes whenever data is rewritten)."""
+    parts = []
+    for p in partition_files(root, asset, year):
+        st = p.stat()
+        parts.append(f"{p.name}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def write_gate(root: Path | str, asset: str, year: int | str | None, checks: dict[str, bool]) -> Path:
+    """Record the blocking-check outcomes of a published partition (atomic; temp file + replace)."""
+    d = partition_dir(root, asset, year)
+    d.mkdir(parents=True, exist_ok=True)
+    body = {"asset": asset, "year": year, "checks": {k: bool(v) for k, v in sorted(checks.items())},
+            "data_fingerprint": data_fingerprint(root, asset, year),
+            "written_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    tmp = d / f"{TMP_PREFIX}{uuid.uuid4().hex}-{GATE_NAME}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(body, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, d / GATE_NAME)
+    return d / GATE_NAME
+
+
+def gate_problems(root: Path | str, asset: str, years: Iterable[int | str | None]) -> list[str]:
+    """Why partitions of ``asset`` may not be used: not published, no recorded checks, a failed
+    blocking check, or data rewritten after its checks ran. Empty list = all clear."""
+    out: list[str] = []
+    for y in years:
+        label = f"asset {asset} partition {y if y is not None else 'all'}"
+        if not is_published(root, asset, y):
+            out.append(f"{label}: not materialised")
+            continue
+        g = partition_dir(root, asset, y) / GATE_NAME
+        if not g.is_file():
+            out.append(f"{label}: no blocking-check evaluation recorded")
+            continue
+        body = json.loads(g.read_text(encoding="utf-8"))
+        failed = [k for k, v in body.get("checks", {}).items() if not v]
+        if failed:
+            out.append(f"{label}: failed check(s) {', '.join(failed)}")
+        elif body.get("data_fingerprint") != data_fingerprint(root, asset, y):
+            out.append(f"{label}: data changed after its checks ran (stale evaluation)")
+    return out
