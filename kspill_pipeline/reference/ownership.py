@@ -12,12 +12,9 @@ anything else (and null) -> other.
 
 from __future__ import annotations
 
-import unicodedata
-from functools import lru_cache
-
 import polars as pl
 
-from kspill_pipeline.reference import DATA_DIR
+from kspill_pipeline.reference.labels import LabelTable, norm_label
 
 OWNERSHIP_CLASSES = ("soe", "collective", "private", "foreign", "other")
 
@@ -29,32 +26,7 @@ _RULES: tuple[tuple[tuple[str, ...], str], ...] = (
 )
 
 
-def _norm(x: str) -> str:
-    return " ".join(unicodedata.normalize("NFKC", x).split()).lower()
-
-
-@lru_cache(maxsize=1)
-def ownership_table() -> pl.DataFrame:
-    return pl.read_csv(DATA_DIR / "ownership.csv", schema_overrides={"label": pl.String})
-
-
-@lru_cache(maxsize=1)
-def _index() -> dict[str, str]:
-    t = ownership_table()
-    out = {_norm(k): v for k, v in zip(t["label"], t["ownership_class"])}
-    bad = set(out.values()) - set(OWNERSHIP_CLASSES)
-    if bad:
-        raise ValueError(f"ownership.csv: unknown classes {bad}")
-    return out
-
-
-def classify_one(label: str | None) -> str:
-    if label is None:
-        return "other"
-    n = _norm(label)
-    idx = _index()
-    if n in idx:
-        return idx[n]
+def _fallback(n: str, idx: dict[str, str]) -> str:
     if n.isdigit():
         return idx.get(n.lstrip("0") or "0", "other")
     for words, cls in _RULES:
@@ -63,8 +35,18 @@ def classify_one(label: str | None) -> str:
     return "other"
 
 
+TABLE = LabelTable("ownership.csv", "ownership_class", OWNERSHIP_CLASSES, _fallback)
+_norm = norm_label
+
+
+def ownership_table() -> pl.DataFrame:
+    return TABLE.table
+
+
+def classify_one(label: str | None) -> str:
+    return TABLE.classify_one(label)
+
+
 def classify_ownership(labels: pl.Series) -> pl.Series:
     """Vectorised classification (Python only over unique labels); null -> other."""
-    s = labels.cast(pl.String)
-    mapping = {u: classify_one(u) for u in s.unique().drop_nulls().to_list()}
-    return s.replace_strict(mapping, default="other", return_dtype=pl.String)
+    return TABLE.classify(labels)

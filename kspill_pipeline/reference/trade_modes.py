@@ -14,42 +14,14 @@ a numeric code is matched with leading zeros stripped (``010`` == ``10``); anyth
 
 from __future__ import annotations
 
-import unicodedata
-from functools import lru_cache
-
 import polars as pl
 
-from kspill_pipeline.reference import DATA_DIR
+from kspill_pipeline.reference.labels import LabelTable, norm_label
 
 TRADE_MODE_CLASSES = ("ordinary", "processing", "other")
 
 
-def _norm(x: str) -> str:
-    return " ".join(unicodedata.normalize("NFKC", x).split()).lower()
-
-
-@lru_cache(maxsize=1)
-def trade_mode_table() -> pl.DataFrame:
-    return pl.read_csv(DATA_DIR / "trade_modes.csv", schema_overrides={"label": pl.String})
-
-
-@lru_cache(maxsize=1)
-def _index() -> dict[str, str]:
-    t = trade_mode_table()
-    out = {_norm(k): v for k, v in zip(t["label"], t["trade_mode_class"])}
-    bad = set(out.values()) - set(TRADE_MODE_CLASSES)
-    if bad:
-        raise ValueError(f"trade_modes.csv: unknown classes {bad}")
-    return out
-
-
-def classify_one(label: str | None) -> str:
-    if label is None:
-        return "other"
-    n = _norm(label)
-    idx = _index()
-    if n in idx:
-        return idx[n]
+def _fallback(n: str, idx: dict[str, str]) -> str:
     if n.isdigit():
         stripped = n.lstrip("0") or "0"
         for cand in (stripped, stripped.zfill(2), stripped.zfill(4)):
@@ -63,8 +35,18 @@ def classify_one(label: str | None) -> str:
     return "other"
 
 
+TABLE = LabelTable("trade_modes.csv", "trade_mode_class", TRADE_MODE_CLASSES, _fallback)
+_norm = norm_label
+
+
+def trade_mode_table() -> pl.DataFrame:
+    return TABLE.table
+
+
+def classify_one(label: str | None) -> str:
+    return TABLE.classify_one(label)
+
+
 def classify_trade_mode(labels: pl.Series) -> pl.Series:
     """Vectorised classification (Python only over unique labels); null -> other."""
-    s = labels.cast(pl.String)
-    mapping = {u: classify_one(u) for u in s.unique().drop_nulls().to_list()}
-    return s.replace_strict(mapping, default="other", return_dtype=pl.String)
+    return TABLE.classify(labels)
