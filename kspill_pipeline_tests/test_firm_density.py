@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import polars as pl
 import pytest
 
@@ -119,6 +120,40 @@ def test_bucket_keeps_firms_whole():
         for u in units.to_pylist():
             assert seen.setdefault(u, k) == k
     assert set(seen) == {"a", "b", "c", "d"}
+
+
+def test_bucket_pieces_own_their_buffers():
+    # a slice of one big arrow array would pickle (and travel to its worker) with the whole parent
+    import pickle
+
+    rng = np.random.default_rng(0)
+    n = 20_000
+    edges = pl.DataFrame({"unit_id": [f"f{i:07d}" for i in rng.integers(0, 5_000, n)],
+                          "product": rng.choice(PRODUCTS, n)})
+    bb = fd.bucket_baskets(edges, PRODUCTS, 16)
+    whole = len(pickle.dumps(edges.get_column("unit_id").to_arrow()))
+    assert sum(len(pickle.dumps(p)) for p in bb.pieces) < 2 * whole
+    assert sum(len(p[1]) for p in bb.pieces) == n
+
+
+def test_cooccurrence_partials_sparse_dense_mix_exact():
+    a = sp.csr_array(np.array([[1.0, 0.0], [0.0, 2.0]]))
+    b = np.array([[0.0, 3.0], [4.0, 0.0]])
+    for x, y in [(a, b), (b, a), (a, a), (b, b)]:
+        got = fd._add(x, y)
+        got = got.toarray() if sp.issparse(got) else got
+        assert np.array_equal(got, (x.toarray() if sp.issparse(x) else x) + (y.toarray() if sp.issparse(y) else y))
+
+
+def test_misaligned_phi_gives_the_same_rows(tmp_path):
+    # arrays received through distributed can be unaligned views; the bucket realigns them once
+    phi = np.array([[1.0, .5, 0, 0], [.5, 1, .5, .5], [0, .5, 1, .5], [0, .5, .5, 1]])
+    buf = np.zeros(phi.size * 8 + 1, dtype=np.uint8)
+    odd = buf[1:].view(np.float64).reshape(phi.shape)
+    odd[:] = phi
+    assert not odd.flags.aligned
+    assert fd._aligned(odd).flags.aligned and np.array_equal(fd._aligned(odd), phi)
+    assert fd._aligned(phi) is phi
 
 
 def test_density_hand_values(tmp_path):

@@ -244,3 +244,68 @@ def test_proximity_long_layout():
     assert lf.columns == ["product_1", "product_2", "proximity"]
     row = lf.filter((pl.col("product_1") == "0011") & (pl.col("product_2") == "0014"))
     assert row["proximity"].item() == 0.5
+
+
+# ------------------------------------------------------------------------------------------------
+# performance paths must give the same bits as the reference arithmetic
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(300, 700), (7, 13), (1, 1), (40, 1)])
+def test_cooccurrence_float32_route_is_exact(shape):
+    rng = np.random.default_rng(sum(shape))
+    M = (rng.random(shape) < 0.4).astype(np.float64)
+    C = rel.cooccurrence(M)
+    assert C.dtype == np.float64 and C.flags.c_contiguous
+    assert np.array_equal(C, M.T @ M)
+    # non-binary input keeps the float64 product
+    L = rng.random(shape)
+    assert np.array_equal(rel.cooccurrence(L), L.T @ L)
+
+
+def _dense_reference(M, phi, thr, include_self):
+    D = rel.density_kernel(M, phi, phi.sum(axis=0), include_self=include_self)
+    r, c = np.nonzero(D > thr)
+    return r, c, D[r, c]
+
+
+@pytest.mark.parametrize("include_self", [True, False])
+@pytest.mark.parametrize("seed", range(6))
+def test_density_above_bit_identical_to_dense_kernel(seed, include_self):
+    rng = np.random.default_rng(seed)
+    P = int(rng.integers(20, 400))
+    n = int(rng.integers(1, 600))
+    # firm-like baskets (mostly 1-5 products, a few large rows) and a sparse-ish symmetric phi
+    k = np.minimum(rng.geometric(0.35, n), P)
+    k[rng.random(n) < 0.02] = min(P, 90)  # rows above the candidate index's basket cap
+    rows = np.repeat(np.arange(n), k)
+    cols = np.concatenate([rng.choice(P, size=kk, replace=False) for kk in k])
+    M = sp.csr_array((np.ones(rows.size), (rows, cols)), shape=(n, P))
+    M.sort_indices()
+    phi = rng.random((P, P)) ** 4
+    if seed % 2:
+        phi = np.round(phi * 8) / 8  # ties with the threshold
+    phi = np.maximum(phi, phi.T)
+    np.fill_diagonal(phi, [1.0, 0.0, 0.5][seed % 3])
+    cs = phi.sum(axis=0)
+    for thr in (0.0, 0.05, 0.125, 0.3):
+        ref = _dense_reference(M, phi, thr, include_self)
+        ix = rel.density_filter_index(phi, cs, thr, include_self=include_self)
+        for block in (1, 37, 10_000):
+            got = rel.density_above(M, phi, cs, thr, include_self=include_self, index=ix, block_rows=block)
+            for a, b in zip(ref, got):
+                assert np.array_equal(a, b)
+            assert np.array_equal(ref[2].view(np.uint64), got[2].view(np.uint64))
+
+
+def test_density_above_falls_back_outside_its_domain():
+    rng = np.random.default_rng(3)
+    M = sp.csr_array((rng.random((50, 30)) < 0.2) * rng.random((50, 30)) * 3)  # not binary
+    phi = rng.random((30, 30))
+    cs = phi.sum(axis=0)
+    for Mx, ph, thr in [(M, phi, 0.05), ((M != 0).astype(float), phi - 0.2, 0.05),
+                        ((M != 0).astype(float), phi, -0.1), ((M != 0).astype(float).toarray(), phi, 0.05)]:
+        ref = _dense_reference(Mx, ph, thr, True)
+        got = rel.density_above(Mx, ph, ph.sum(axis=0), thr)
+        for a, b in zip(ref, got):
+            assert np.array_equal(a, b)

@@ -207,17 +207,32 @@ def get_conventions(preset: str | Conventions = "stata", **overrides) -> Convent
 # --------------------------------------------------------------------------------------------
 
 
+_BLAS_CONTROLLER: list = []
+
+
+def _blas_controller():
+    """One ``threadpoolctl.ThreadpoolController`` per process (None without threadpoolctl): building
+    it scans every loaded shared library (about 10 ms), so it is not rebuilt per period."""
+    if not _BLAS_CONTROLLER:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # pragma: no cover - optional
+            _BLAS_CONTROLLER.append(None)
+        else:
+            _BLAS_CONTROLLER.append(ThreadpoolController())
+    return _BLAS_CONTROLLER[0]
+
+
 def _eigh_small(S: np.ndarray):
     """``numpy.linalg.eigh`` with ONE BLAS thread for small matrices: a few-hundred-square
     tridiagonalisation is dominated by thread hand-offs, and under CPU contention (2 busy cores)
     multi-threaded OpenBLAS took 0.5 s for a 226 x 226 matrix that takes 10 ms serially.
     Uses threadpoolctl when it is installed; otherwise runs as is."""
     if S.shape[0] <= 2000:
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:  # pragma: no cover - optional
+        ctl = _blas_controller()
+        if ctl is None:  # pragma: no cover - optional
             return np.linalg.eigh(S)
-        with threadpool_limits(limits=1, user_api="blas"):
+        with ctl.limit(limits=1, user_api="blas"):
             return np.linalg.eigh(S)
     return np.linalg.eigh(S)
 
@@ -443,6 +458,16 @@ COMPLEXITY_COLUMNS = ["time", "location", "product", "value", "rca", "M", "densi
 PROXIMITY_COLUMNS = ["time", "product_1", "product_2", "proximity"]
 
 
+def _rep(a: np.ndarray, k: int) -> np.ndarray:
+    """``np.repeat(a, k)`` as one strided copy (numpy's repeat copies element by element)."""
+    return np.broadcast_to(a[:, None], (a.shape[0], k)).reshape(-1)
+
+
+def _tile(a: np.ndarray, k: int) -> np.ndarray:
+    """``np.tile(a, k)`` for a 1-D array, as one strided copy."""
+    return np.broadcast_to(a[None, :], (k, a.shape[0])).reshape(-1)
+
+
 def _encode(data: pl.DataFrame, col: str) -> tuple[pl.Series, np.ndarray]:
     """Sorted unique labels of ``col`` and the integer code of every row (label order).
     A null label (only the ``time=None`` case) is its own single label."""
@@ -450,7 +475,12 @@ def _encode(data: pl.DataFrame, col: str) -> tuple[pl.Series, np.ndarray]:
     if s.null_count() == len(s):
         return s.head(1), np.zeros(len(s), dtype=np.int64)
     labels = s.unique().sort()
-    codes = labels.search_sorted(s).to_numpy().astype(np.int64, copy=False)
+    if s.dtype == pl.Utf8 and s.null_count() == 0:
+        # codes = positions in the sorted labels, through an Enum over them (a hash lookup per row
+        # instead of a binary search over strings)
+        codes = s.cast(pl.Enum(labels)).to_physical().to_numpy().astype(np.int64, copy=False)
+    else:
+        codes = labels.search_sorted(s).to_numpy().astype(np.int64, copy=False)
     return labels, codes
 
 
@@ -499,7 +529,9 @@ def ecomplexity(
     t_labels, tcode = _encode(data, "_t")
     vals = data.get_column("_v").to_numpy()
     NU, NP = len(u_labels), len(p_labels)
-    order = np.argsort(tcode, kind="stable")
+    # stable sort of the period codes (radix sort when they fit in 16 bits): rows of a period keep
+    # their input order
+    order = np.argsort(tcode.astype(np.int16) if len(t_labels) <= 2**15 else tcode, kind="stable")
     bounds = np.searchsorted(tcode[order], np.arange(len(t_labels) + 1))
 
     cols: dict[str, list] = {c: [] for c in COMPLEXITY_COLUMNS}
@@ -516,21 +548,22 @@ def ecomplexity(
         res = complexity_year(X, ui, pi, replace(conv, drop_zero=False))
         N, P = res.M.shape
         cols["time"].append((k, N * P))
-        cols["location"].append(np.repeat(ui, P))
-        cols["product"].append(np.tile(pi, N))
+        cols["location"].append(_rep(ui, P))
+        cols["product"].append(_tile(pi, N))
         cols["value"].append(res.X.ravel())
         cols["rca"].append(res.rca.ravel())
         cols["M"].append(res.M.ravel().astype(np.int8))
         cols["density"].append(res.density.ravel())
-        cols["eci"].append(np.repeat(res.eci, P))
-        cols["pci"].append(np.tile(res.pci, N))
-        cols["diversity"].append(np.repeat(res.diversity, P).astype(np.int64))
-        cols["ubiquity"].append(np.tile(res.ubiquity, N).astype(np.int64))
-        cols["coi"].append(np.repeat(res.coi, P))
+        cols["eci"].append(_rep(res.eci, P))
+        cols["pci"].append(_tile(res.pci, N))
+        cols["diversity"].append(_rep(res.diversity.astype(np.int64), P))
+        cols["ubiquity"].append(_tile(res.ubiquity.astype(np.int64), N))
+        cols["coi"].append(_rep(res.coi, P))
         cols["cog"].append(res.cog.ravel())
         pcols["time"].append((k, P * P))
-        pcols["product_1"].append(np.repeat(pi.astype(np.uint32), P))
-        pcols["product_2"].append(np.tile(pi.astype(np.uint32), P))
+        code_t = np.uint16 if NP <= 2**16 else np.uint32
+        pcols["product_1"].append(_rep(pi.astype(code_t), P))
+        pcols["product_2"].append(_tile(pi.astype(code_t), P))
         pcols["proximity"].append(np.ascontiguousarray(res.phi).ravel())
 
     # product_1/product_2 of the P x P proximity frame are Enum (dictionary-encoded strings in
@@ -552,7 +585,14 @@ def ecomplexity(
                 part = cs[c][k]
                 if c == "time":
                     k0, n0 = part
-                    series.append(pl.repeat(t_labels[k0], n0, dtype=t_dtype, eager=True).alias(c))
+                    t_val = t_labels[k0]
+                    if t_dtype == pl.Int64 and t_val is not None:
+                        series.append(pl.Series(c, np.full(n0, t_val, dtype=np.int64)))
+                    else:
+                        series.append(pl.repeat(t_val, n0, dtype=t_dtype, eager=True).alias(c))
+                elif c in labels and isinstance(labels[c].dtype, pl.Enum):
+                    # Enum from its physical codes (the label order): no 25M-row gather
+                    series.append(pl.Series(c, part).cat.to(labels[c].dtype))
                 elif c in labels:
                     series.append(labels[c].gather(part).alias(c))
                 else:

@@ -8,19 +8,23 @@ and 8.2 (``D = X Phi / 1^T Phi`` for ~10^5 importers x 1,220 HS4 per year: chunk
 Work is split into ``n_buckets`` firm buckets by a HASH of the unit id, never by row ranges, so a
 firm's whole basket is always in one bucket. Each bucket is one ``dask.delayed`` task:
 
-* :func:`cooccurrence_chunked`: per bucket ``C_b = relatedness.cooccurrence(M_b)``, then a
-  pairwise tree sum. Every entry is an integer count (< 2**53 in float64), so the sum is exact and
-  equal, bit for bit, to ``relatedness.cooccurrence(M)`` on the whole matrix.
-* :func:`firm_density_to_parquet`: per bucket, row blocks of the sparse basket matrix go through
-  ``relatedness.density_kernel`` (the exact kernel of ``relatedness.density``; sparse CSR @ dense
-  computes every row independently, so any split gives identical bits), are filtered at
-  ``density > threshold`` (on the float64 value) and cast to ``dtype``; the kept cells of the
-  bucket are written as ``part-<k>.parquet`` into a fresh staging folder.
+* :func:`cooccurrence_chunked`: per bucket ``C_b = M_b^T M_b`` (kept scipy.sparse while sparse, so
+  partials are small to send and add), then a pairwise tree sum. Every entry is an integer count
+  (< 2**53 in float64), so the sum is exact and equal, bit for bit, to
+  ``relatedness.cooccurrence(M)`` on the whole matrix.
+* :func:`firm_density_to_parquet`: per bucket, ``relatedness.density_above`` returns the cells of
+  ``relatedness.density_kernel`` (the exact kernel of ``relatedness.density``) with
+  ``density > threshold`` (on the float64 value), bit-identical to computing every cell and
+  filtering, but summing only the candidate cells that can pass (a basket of ~3 HS4 products keeps
+  ~0.4 % of the cells); the values are cast to ``dtype`` and the kept cells of the bucket are
+  written as ``part-<k>.parquet`` into a fresh staging folder.
   :func:`firm_density_in_memory` is the one-call reference the tests compare against.
 
 ``client=None`` runs the tasks with Dask's synchronous scheduler (tests, debugging); with a
-``distributed.Client`` (see ``kspill_pipeline.dask_resource.DaskResource``) phi is scattered to
-every worker once and each bucket's compact arrays are scattered once, then ``client.compute``.
+``distributed.Client`` (see ``kspill_pipeline.dask_resource.DaskResource``) phi, its column sums,
+the products and the threshold index are scattered to every worker once as one object, each
+bucket's compact arrays (own buffers, never slices of the full edge list) are scattered once, then
+``client.compute``.
 
 Publishing protocol (manifest; :func:`commit_parts` / :func:`read_manifest`):
 
@@ -197,17 +201,20 @@ def bucket_baskets(
                 "pass on_unknown='drop' to align a basket with phi's product universe"
             )
         df = df.drop_nulls("_p")
-    df = df.sort("_b")  # numeric: groups the buckets, cheap
+    # group the edges by bucket with a stable radix argsort of the small bucket numbers, and give
+    # every piece its OWN compact buffers (pc.take): a slice of one big arrow array would pickle,
+    # hence travel to its worker, with the whole parent buffer (16 buckets: 16 x the full edge list)
     b = df.get_column("_b").to_numpy()
-    cols = df.get_column("_p").to_numpy().astype(np.int32, copy=False)
+    order = np.argsort(b.astype(np.int16) if n_buckets <= 2**15 else b, kind="stable")
+    cols = df.get_column("_p").to_numpy()[order].astype(np.int32, copy=False)
     units_all = df.get_column("_u").to_arrow()
     if isinstance(units_all, pa.ChunkedArray):
         units_all = units_all.combine_chunks()
-    bounds = np.searchsorted(b, np.arange(n_buckets + 1), side="left")
+    bounds = np.searchsorted(b[order], np.arange(n_buckets + 1), side="left")
     pieces = []
     for k in range(n_buckets):
         r0, r1 = int(bounds[k]), int(bounds[k + 1])
-        pieces.append((units_all.slice(r0, r1 - r0), np.ascontiguousarray(cols[r0:r1])))
+        pieces.append((pc.take(units_all, pa.array(order[r0:r1])), np.ascontiguousarray(cols[r0:r1])))
     return BucketedBaskets(products=prod.to_numpy(), pieces=pieces, n_edges=df.height, seconds=time.perf_counter() - t0)
 
 
@@ -309,7 +316,17 @@ def _tree_sum(parts: list):
     return level[0]
 
 
-def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _add(a, b):
+    """Sum of two co-occurrence partials (dense arrays or scipy.sparse; integer counts, exact)."""
+    if sp.issparse(a) and sp.issparse(b):
+        return a + b
+    if sp.issparse(a):
+        a, b = b, a
+    if sp.issparse(b):
+        out = np.array(a, dtype=np.float64, copy=True)
+        bc = b.tocoo()
+        out[bc.row, bc.col] += bc.data  # canonical: no repeated (row, col)
+        return out
     return a + b
 
 
@@ -318,9 +335,36 @@ def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 
-def _cooc_bucket(piece, n_products: int, bucket: int) -> np.ndarray:
+def _cooc_matrix(piece, n_products: int) -> sp.csr_array:
+    """Binary CSR of one bucket with rows in ANY order (first appearance): C = M^T M does not
+    depend on the row order, so the unit labels are only dictionary-encoded, never sorted."""
+    units, cols = piece
+    if isinstance(units, pa.ChunkedArray):
+        units = units.combine_chunks()
+    if len(units) == 0:
+        return sp.csr_array((0, n_products), dtype=np.float64)
+    enc = pc.dictionary_encode(units)
+    codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    M = sp.coo_array(
+        (np.ones(len(cols), dtype=np.float64), (codes, cols.astype(np.int64, copy=False))),
+        shape=(len(enc.dictionary), n_products),
+    ).tocsr()
+    M.sum_duplicates()
+    M.data[:] = 1.0  # binary presence (repeated edges were summed)
+    return M
+
+
+def _cooc_bucket(piece, n_products: int, bucket: int):
+    """``M_b^T M_b`` of one bucket: scipy.sparse while it is sparse (a fraction of the 8 P^2 bytes
+    of a dense partial to allocate, send and add), dense otherwise. Integer counts: exact."""
     try:
-        return _rel().cooccurrence(bucket_matrix(piece, n_products)[0])
+        M = _cooc_matrix(piece, n_products)
+        if M.nnz and M.nnz / (M.shape[0] * M.shape[1]) > _rel().DENSE_SHARE:
+            return _rel().cooccurrence(M)
+        C = (M.T @ M).tocsr()
+        if C.nnz > n_products * n_products // 3:
+            return C.toarray()
+        return C
     except Exception as e:  # name the bucket, keep the cause
         raise BucketTaskError(f"co-occurrence bucket {bucket} failed: {type(e).__name__}: {e}") from e
 
@@ -354,7 +398,9 @@ def cooccurrence_chunked(
     parts = [task(pieces[k], P, k) for k in range(bb.n_buckets)]
     total = _tree_sum(parts)
     (C,) = _run(client, [total])
-    return np.asarray(C, dtype=np.float64)
+    if sp.issparse(C):
+        C = C.toarray()
+    return np.ascontiguousarray(C, dtype=np.float64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -459,29 +505,24 @@ def _density_bucket(
     extra: dict,
     block_rows: int,
     out_names: tuple[str, str, str] = ("unit_id", "product", "density"),
+    index=None,
 ) -> dict:
-    """One firm bucket: kernel on row blocks -> filter -> cast -> one parquet part (staging)."""
+    """One firm bucket: cells above the threshold (``relatedness.density_above``, bit-identical to
+    the kernel on every cell + filter) -> cast -> one parquet part (staging)."""
     t0 = time.perf_counter()
     rel = _rel()
+    phi = _aligned(phi)
     P = phi.shape[0]
     M, units = bucket_matrix(piece, P)
     n = M.shape[0]
-    rows_l, cols_l, vals_l = [], [], []
-    t_kernel = 0.0
-    for s in range(0, n, block_rows):
-        tk = time.perf_counter()
-        D = rel.density_kernel(M[s : s + block_rows], phi, phi_colsum, include_self=include_self)
-        t_kernel += time.perf_counter() - tk
-        flat = D.reshape(-1)
-        idx = np.flatnonzero(flat > threshold)  # filter on the float64 value, immediately
-        vals_l.append(flat[idx].astype(dtype))
-        r, c = np.divmod(idx, P)
-        rows_l.append((r + s).astype(np.int32, copy=False))
-        cols_l.append(c.astype(np.int32, copy=False))
-        del D, flat
-    rows = np.concatenate(rows_l) if rows_l else np.zeros(0, np.int32)
-    cols = np.concatenate(cols_l) if cols_l else np.zeros(0, np.int32)
-    vals = np.concatenate(vals_l) if vals_l else np.zeros(0, dtype)
+    tk = time.perf_counter()
+    # only the cells above the threshold, bit-identical to density_kernel + filter on every cell
+    rows, cols, vals64 = rel.density_above(M, phi, phi_colsum, threshold, include_self=include_self, index=index,
+                                           block_rows=block_rows)
+    t_kernel = time.perf_counter() - tk
+    rows = rows.astype(np.int32)
+    cols = cols.astype(np.int32)
+    vals = vals64.astype(dtype)
     k = len(rows)
     schema = _out_schema(units.type, products.type, dtype, extra, tuple(out_names))
     arrays = [pc.take(units, pa.array(rows)), pc.take(products, pa.array(cols)), pa.array(vals)]
@@ -490,10 +531,17 @@ def _density_bucket(
     table = pa.Table.from_arrays(arrays, schema=schema)
     path = Path(staging_dir) / f"{PART_PREFIX}{bucket:05d}.parquet"
     tw = time.perf_counter()
+    extra_names = list(extra)
     with open(path, "wb") as fh:
+        # encoding choices only (the values and the arrow schema are the same): the unit ids come
+        # sorted and compress well as plain zstd, while dictionary-encoding them and the float
+        # densities (the writer's default) and min/max statistics over every string cost about as
+        # much as the whole density kernel; statistics are kept for density and the constant columns
         pq.write_table(
             table, fh, compression=PARQUET_COMPRESSION, compression_level=PARQUET_COMPRESSION_LEVEL,
             row_group_size=1_000_000,
+            use_dictionary=[out_names[1], *extra_names],
+            write_statistics=[out_names[2], *extra_names],
         )
         fh.flush()
         os.fsync(fh.fileno())
@@ -505,12 +553,27 @@ def _density_bucket(
     }
 
 
-def _density_task(*args) -> dict:
-    """Task wrapper: looks ``_density_bucket`` up at run time (tests inject failures there) and
-    names the failing bucket in the error."""
-    bucket = args[4]
+# (array as received, aligned C-ordered copy) of the last phi seen by this process: arrays arriving
+# through distributed are views into the message buffer, often not 8-byte aligned, and scipy's
+# CSR x dense product then works on a copy per call; tasks of one run on a worker share one copy
+_ALIGNED_PHI: list = [None, None]
+
+
+def _aligned(phi: np.ndarray) -> np.ndarray:
+    if phi.flags.c_contiguous and phi.flags.aligned and phi.dtype == np.float64:
+        return phi
+    if _ALIGNED_PHI[0] is not phi:
+        _ALIGNED_PHI[:] = [phi, np.require(phi, np.float64, ["C", "A"])]
+    return _ALIGNED_PHI[1]
+
+
+def _density_task(piece, shared: tuple, bucket: int, *rest) -> dict:
+    """Task wrapper: unpacks the per-run ``shared`` data (phi, its column sums, the products, the
+    threshold index: ONE scattered object, one round trip), looks ``_density_bucket`` up at run time
+    (tests inject failures there) and names the failing bucket in the error."""
+    phi, phi_colsum, products, index = shared
     try:
-        return _density_bucket(*args)
+        return _density_bucket(piece, phi, phi_colsum, products, bucket, *rest, index)
     except Exception as e:
         raise BucketTaskError(f"firm-density bucket {bucket} failed: {type(e).__name__}: {e}") from e
 
@@ -570,6 +633,8 @@ def firm_density_to_parquet(
     prod = _products_series(products)
     phi = _check_phi(phi, prod)
     phi_colsum = phi.sum(axis=0)
+    # candidate lists of the threshold shortcut (relatedness.density_above), built once per phi
+    index = _rel().density_filter_index(phi, phi_colsum, float(threshold), include_self=bool(include_self))
     extra = _extra_arrays(extra_columns)
 
     bb = bucket_baskets(basket_edges, prod.to_numpy(), n_buckets, unit=unit, product=product, on_unknown="drop")
@@ -584,13 +649,11 @@ def firm_density_to_parquet(
     t_prep = time.perf_counter() - t_all
     t_c = time.perf_counter()
     try:
-        phi_ref = _share(client, phi)
-        colsum_ref = _share(client, phi_colsum)
-        prod_ref = _share(client, prod_arrow)
+        shared = _share(client, (phi, phi_colsum, prod_arrow, index))
         pieces = client.scatter(bb.pieces, hash=False) if client is not None else bb.pieces
         task = dask.delayed(_density_task, pure=False)
         tasks = [
-            task(pieces[k], phi_ref, colsum_ref, prod_ref, k, str(staging), float(threshold), bool(include_self),
+            task(pieces[k], shared, k, str(staging), float(threshold), bool(include_self),
                  dtype.str, extra, int(block_rows), tuple(out_names))
             for k in range(bb.n_buckets)
         ]

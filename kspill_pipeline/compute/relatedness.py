@@ -29,6 +29,7 @@ Conventions (the three external tools differ; see ``complexity.PRESETS`` and the
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -306,10 +307,33 @@ def cooccurrence(M) -> np.ndarray:
         Ms = _as_csr(M)
         n = Ms.shape[0] * Ms.shape[1]
         if n and Ms.nnz / n > DENSE_SHARE:
-            Md = Ms.toarray()
-            return Md.T @ Md
+            return _dense_gram(Ms.toarray())
         return np.asarray((Ms.T @ Ms).toarray(), dtype=np.float64)
-    Md = np.asarray(M, dtype=np.float64)
+    return _dense_gram(np.asarray(M, dtype=np.float64))
+
+
+def _dense_gram(Md: np.ndarray) -> np.ndarray:
+    """``Md^T Md`` (float64). For a 0/1 matrix with fewer than 2**24 rows the product runs in float32
+    BLAS (syrk): every partial sum is an integer below 2**24, exact in float32 whatever the
+    summation order, so the result is identical to the float64 product, in half the time."""
+    if Md.shape[0] < 2**24 and Md.size:
+        M32 = Md.astype(np.float32)
+        if np.array_equal(M32, M32 != 0):  # binary (no NaN, no other values)
+            P = Md.shape[1]
+            # the float32 product is written into the first half of the float64 result's buffer and
+            # widened in place from the last row down (each block is copied out before the float64
+            # rows overwrite it; float64 rows [i0, i1) only cover float32 rows >= i0, already
+            # consumed): no extra products x products array to allocate and page in
+            out = np.empty((P, P), dtype=np.float64)
+            c32 = out.reshape(-1).view(np.float32)[: P * P].reshape(P, P)
+            np.matmul(M32.T, M32, out=c32)
+            flat32 = c32.reshape(-1)
+            block = max(1, min(P, (1 << 18) // max(P, 1)))
+            for i1 in range(P, 0, -block):
+                i0 = max(0, i1 - block)
+                tmp = flat32[i0 * P : i1 * P].copy()
+                out[i0:i1] = tmp.reshape(i1 - i0, P)
+            return out
     return Md.T @ Md
 
 
@@ -595,3 +619,305 @@ def _set_diag(phi: np.ndarray, diagonal: DiagonalMode, empty: np.ndarray) -> np.
         phi[empty, :] = 0.0
         phi[:, empty] = 0.0
     return phi
+
+
+# --------------------------------------------------------------------------------------------
+# density filtered at a threshold, without the dense units x products pass (firm scale)
+# --------------------------------------------------------------------------------------------
+
+# relative safety margin of the candidate bound (see density_above); rounding of a sum of k <= 2**20
+# non-negative terms and of the normalisation is below (k + 3) * 2**-53 < 1.2e-10 relative
+_CANDIDATE_MARGIN = 1e-9
+# largest basket size with precomputed candidate lists; larger rows take every product as candidate
+_KCAP_MAX = 64
+# cells per step of the shortcut in density_above (bool scratch of this size)
+_SHORTCUT_CELLS = 1 << 22
+
+
+@dataclass
+class DensityFilterIndex:
+    """Candidate lists for :func:`density_above` (built once per phi by :func:`density_filter_index`).
+
+    For product q and basket size k, the candidate columns of q are those p with
+    ``k * phi_qp >= threshold * den_p * (1 - 1e-9)`` (``den`` the density denominator): they are the
+    first ``counts[q, k]`` entries of ``cols[ptr[q]:ptr[q + 1]]`` (sorted by the smallest such k).
+    ``kcap``: largest basket size covered; rows with more products use every column.
+    """
+
+    n_products: int
+    threshold: float
+    include_self: bool
+    subtract_diag: bool
+    dphi: np.ndarray
+    inv: np.ndarray
+    kcap: int
+    ptr: np.ndarray
+    cols: np.ndarray
+    counts: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.dphi.nbytes + self.inv.nbytes + self.ptr.nbytes + self.cols.nbytes + self.counts.nbytes)
+
+
+def _density_den(phi: np.ndarray, phi_colsum: np.ndarray, include_self: bool) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(denominator, diagonal of phi, whether the kernel subtracts the diagonal): exactly the
+    arithmetic of :func:`density_kernel`."""
+    den = np.asarray(phi_colsum, dtype=np.float64).ravel()
+    dphi = np.diag(phi).copy()
+    sub = (not include_self) and bool(np.any(dphi != 0))
+    if sub:
+        den = den - dphi
+    return den, dphi, sub
+
+
+def density_filter_index(phi: np.ndarray, phi_colsum: np.ndarray, threshold: float, *,
+                         include_self: bool = True, budget: float = 0.25) -> DensityFilterIndex | None:
+    """Precompute what :func:`density_above` needs to skip cells that cannot pass ``> threshold``.
+
+    Returns None when the shortcut does not apply (negative or non-finite phi, a negative or
+    non-finite threshold, a negative denominator): :func:`density_above` then computes every cell.
+    ``budget``: at most ``budget * P^2`` candidate entries are stored (this fixes ``kcap``).
+    """
+    phi = np.asarray(phi, dtype=np.float64)
+    P = phi.shape[0]
+    thr = float(threshold)
+    if not (np.isfinite(thr) and thr >= 0) or P == 0 or P >= 2**31:
+        return None
+    if not np.all(np.isfinite(phi)) or phi.min() < 0:
+        return None
+    den, dphi, sub = _density_den(phi, phi_colsum, include_self)
+    if not np.all(np.isfinite(den)) or (den.size and den.min() < 0):
+        return None
+    inv = _safe_inv(den)
+    # (q, p) is a candidate for baskets of k products when k * phi_qp >= bound_p (exact comparison;
+    # the margin in bound_p covers the kernel's rounding). Only k <= _KCAP_MAX is indexed:
+    # phi_qp * _KCAP_MAX (exact, a power of two) >= bound_p preselects the entries.
+    bound = (thr * (1.0 - _CANDIDATE_MARGIN)) * den
+    q_idx, p_idx = np.nonzero((phi * float(_KCAP_MAX) >= bound[None, :]) & (phi > 0))
+    vals = phi[q_idx, p_idx]
+    # smallest such k: ceil(bound_p / phi_qp); correctly rounded division is monotone, so this never
+    # exceeds the exact smallest k (the index stays a superset)
+    km = np.maximum(np.ceil(bound[p_idx] / vals), 1.0).astype(np.int64)
+    np.minimum(km, _KCAP_MAX, out=km)
+    # kcap: as many basket sizes as fit in the budget
+    cum = np.cumsum(np.bincount(km, minlength=_KCAP_MAX + 1))
+    fits = np.flatnonzero(cum[1:] <= budget * P * P)
+    kcap = int(fits[-1]) + 1 if fits.size else 0
+    if kcap < _KCAP_MAX:
+        sel = km <= kcap
+        q_idx, p_idx, km = q_idx[sel], p_idx[sel], km[sel]
+    # entries come in (q, p) order; a stable sort on (q, k) gives (q, k, p)
+    order = np.argsort(q_idx * (_KCAP_MAX + 1) + km, kind="stable")
+    q_idx, p_idx, km = q_idx[order], p_idx[order], km[order]
+    ptr = np.zeros(P + 1, dtype=np.int64)
+    np.cumsum(np.bincount(q_idx, minlength=P), out=ptr[1:])
+    counts = np.zeros((P, kcap + 1), dtype=np.int64)
+    if kcap:
+        counts.ravel()[:] = np.bincount(q_idx * (kcap + 1) + km, minlength=P * (kcap + 1))
+        np.cumsum(counts, axis=1, out=counts)
+    return DensityFilterIndex(n_products=P, threshold=thr, include_self=bool(include_self), subtract_diag=sub,
+                              dphi=dphi, inv=inv, kcap=kcap, ptr=ptr, cols=p_idx.astype(np.int32), counts=counts)
+
+
+def _dense_above(Ms, phi, phi_colsum, thr, include_self, block_rows):
+    """Reference route: :func:`density_kernel` on row blocks, then ``> thr`` (row-major order)."""
+    P = phi.shape[1]
+    rows_l, cols_l, vals_l = [], [], []
+    n = Ms.shape[0]
+    for s in range(0, n, block_rows):
+        D = density_kernel(Ms[s : s + block_rows], phi, phi_colsum, include_self=include_self)
+        flat = D.reshape(-1)
+        idx = np.flatnonzero(flat > thr)
+        vals_l.append(flat[idx])
+        r, c = np.divmod(idx, P)
+        rows_l.append(r + s)
+        cols_l.append(c)
+        del D, flat
+    if not rows_l:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
+    return np.concatenate(rows_l), np.concatenate(cols_l), np.concatenate(vals_l)
+
+
+def density_above(
+    M_chunk,
+    phi: np.ndarray,
+    phi_colsum: np.ndarray,
+    threshold: float,
+    *,
+    include_self: bool = True,
+    index: DensityFilterIndex | None = None,
+    block_rows: int = 256,
+    max_candidate_share: float = 0.25,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The cells of :func:`density_kernel` above ``threshold``, without computing the others.
+
+    Returns ``(rows, cols, values)`` (int64, int64, float64) of the cells with
+    ``density_kernel(M_chunk, phi, phi_colsum, include_self=...)[r, c] > threshold``, in row-major
+    order, with values BIT-IDENTICAL to the kernel's: exactly what ``np.nonzero(D > threshold)`` on
+    the dense kernel output gives.
+
+    Shortcut (binary sparse rows, phi >= 0, threshold >= 0; S000 firm baskets of ~3 HS4 products,
+    0.4 % of the cells kept): ``density_up = sum_{q in basket(u)} phi_qp / den_p``, so a row with k
+    products can only pass if some ``phi_qp >= threshold * den_p / k`` (up to a 1e-9 relative margin
+    that covers every rounding of the kernel). Only those candidate cells are summed, over the
+    basket's phi rows in the CSR column order, starting from 0.0, i.e. the same additions in the same
+    order as the scipy CSR x dense product (``y += 1.0 * phi[q]``), then multiplied by the same
+    ``1 / den``; with ``include_self=False`` the basket's own cells are candidates too and get the
+    same ``- phi_pp``. Blocks whose candidate lists exceed ``max_candidate_share`` of their cells,
+    non-binary or non-canonical rows, and phi/threshold outside the shortcut's domain go through
+    :func:`density_kernel` itself (``block_rows`` rows at a time: the dense block stays in cache).
+
+    ``index``: a :func:`density_filter_index` for this phi/colsum/threshold/include_self (built
+    here when None; build it once when calling this for many chunks).
+    """
+    phi = np.asarray(phi, dtype=np.float64)
+    thr = float(threshold)
+    if not phi.flags.c_contiguous or not phi.flags.aligned:
+        phi = np.require(phi, requirements=["C", "A"])
+    P = phi.shape[1]
+    if not _is_sparse(M_chunk):
+        return _dense_above(np.asarray(M_chunk, dtype=np.float64), phi, phi_colsum, thr, include_self, block_rows)
+    Ms = _as_csr(M_chunk)
+    binary = Ms.has_canonical_format and (Ms.nnz == 0 or bool(np.all(Ms.data == 1.0)))
+    if index is None and binary:
+        index = density_filter_index(phi, phi_colsum, thr, include_self=include_self)
+    if index is not None and (index.n_products != P or index.threshold != thr
+                              or index.include_self != bool(include_self)):
+        raise ValueError("`index` was built for another phi shape, threshold or include_self")
+    if not binary or index is None:
+        return _dense_above(Ms, phi, phi_colsum, thr, include_self, block_rows)
+    n = Ms.shape[0]
+    out_r, out_c, out_v = [], [], []
+    # rows per shortcut step: a bool scratch of about 4M cells, set and cleared only where candidates
+    # are (never re-zeroed whole); block_rows is the row block of the dense route
+    step = max(1, min(n, max(block_rows, _SHORTCUT_CELLS // max(P, 1)), (2**31 - 1) // max(P, 1)))
+    scratch = _scratch(step * P)  # never initialised: only read where just written
+    phi_flat = phi.reshape(-1)
+    for s in range(0, n, step):
+        blk = Ms[s : s + step]
+        r, c, v = _above_block(blk, phi, phi_flat, phi_colsum, thr, include_self, index, scratch,
+                               max_candidate_share, block_rows)
+        out_r.append(r + s)
+        out_c.append(c)
+        out_v.append(v)
+    if not out_r:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
+    return np.concatenate(out_r), np.concatenate(out_c), np.concatenate(out_v)
+
+
+_TLS = threading.local()
+
+
+def _scratch(n: int) -> np.ndarray:
+    """A per-thread int32 buffer of at least n cells, reused across calls: its pages are faulted in
+    once per thread instead of once per call (a fresh 16 MB array costs milliseconds of page faults)."""
+    buf = getattr(_TLS, "scratch", None)
+    if buf is None or buf.size < n:
+        buf = np.empty(n, dtype=np.int32)
+        _TLS.scratch = buf
+    return buf[:n]
+
+
+def _radix_order(v: np.ndarray, bound: int) -> np.ndarray:
+    """Stable argsort of non-negative integers below ``bound`` (radix sort for 16-bit values)."""
+    if bound <= 2**15:
+        return np.argsort(v.astype(np.int16), kind="stable")
+    return np.argsort(v, kind="stable")
+
+
+def _basket_sums(cr, cc, kc, indptr, indices, phi_flat, P):
+    """``sum_j phi[indices[indptr[r] + j], c]`` for cells (r, c) of rows with kc products, added
+    from 0.0 in CSR order (the scipy CSR x dense accumulation). Cells must come in non-increasing kc,
+    so that the cells still adding their j-th term are a prefix."""
+    m_all = cr.size
+    acc = np.zeros(m_all, dtype=np.float64)
+    if m_all == 0:
+        return acc
+    kmax = int(kc[0])
+    alive = np.searchsorted(-kc, -np.arange(kmax, dtype=np.int64), side="left")  # #(kc > j)
+    pos = indptr[cr]
+    tmp = np.empty(m_all, dtype=np.int64)
+    val = np.empty(m_all, dtype=np.float64)
+    for j in range(kmax):
+        m = int(alive[j])
+        t = tmp[:m]
+        np.take(indices, pos[:m], out=t)  # q_j of each cell's row
+        t *= P
+        t += cc[:m]
+        np.take(phi_flat, t, out=val[:m])
+        acc[:m] += val[:m]
+        pos[:m] += 1
+    return acc
+
+
+def _above_block(blk, phi, phi_flat, phi_colsum, thr, include_self, ix: DensityFilterIndex, scratch,
+                 max_share, block_rows):
+    """:func:`density_above` on one row block (binary canonical CSR)."""
+    P = ix.n_products
+    n = blk.shape[0]
+    indptr = blk.indptr.astype(np.int64, copy=False)
+    indices = blk.indices.astype(np.int64, copy=False)
+    k = np.diff(indptr)
+    big = k > ix.kcap  # rows with every product as candidate
+    n_big = int(np.count_nonzero(big))
+    # rows by basket size, largest first: every cell inherits its row's size, so cells generated row
+    # by row come out grouped by size (what _basket_sums needs) without sorting the cells
+    kc1 = ix.kcap + 1
+    rord = _radix_order(kc1 - np.minimum(k, kc1), kc1 + 1)
+    if n_big > 1:
+        bigr = rord[:n_big]
+        rord[:n_big] = bigr[np.argsort(-k[bigr], kind="stable")]
+    ks = k[rord]
+    # edges in that row order
+    E = int(ks.sum())
+    ends = np.cumsum(ks)
+    epos = np.arange(E, dtype=np.int64) + np.repeat(indptr[rord] - (ends - ks), ks)
+    q_all = indices[epos]
+    re_all = np.repeat(rord, ks)
+    e_big = int(ends[n_big - 1]) if n_big else 0  # edges of the big rows come first
+    q, re = q_all[e_big:], re_all[e_big:]
+    L = ix.counts[q, k[re]] if ix.kcap else np.zeros(q.size, dtype=np.int64)
+    total = int(L.sum())
+    if total + n_big * P > max_share * n * P:
+        return _dense_above(blk, phi, phi_colsum, thr, include_self, block_rows)
+    parts = []
+    if n_big:
+        parts.append(((rord[:n_big] * P)[:, None] + np.arange(P, dtype=np.int64)[None, :]).ravel())
+    if total:
+        lends = np.cumsum(L)
+        pos = np.arange(total, dtype=np.int64) + np.repeat(ix.ptr[q] - (lends - L), L)
+        parts.append(np.repeat(re * P, L) + ix.cols[pos])
+    keys = np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else np.zeros(0, np.int64))
+    # de-duplicate without sorting: each key writes its position into the scratch and the cell is kept
+    # by its last writer; the order (grouped by row, rows by size) is preserved
+    ar = np.arange(keys.size, dtype=scratch.dtype)
+    scratch[keys] = ar
+    own = None
+    if ix.subtract_diag and E:
+        own = re_all * P + q_all  # the basket's own cells: handled below (minus phi_pp)
+        scratch[own] = -1
+    keys = keys[scratch[keys] == ar]
+    res = []
+    if keys.size:
+        cr, cc = np.divmod(keys, P)
+        num = _basket_sums(cr, cc, k[cr], indptr, indices, phi_flat, P)
+        num *= ix.inv[cc]
+        keep = num > thr
+        res.append((cr[keep], cc[keep], num[keep]))
+    if own is not None:
+        # include_self=False: the kernel's num[u, p] - 1.0 * phi_pp on the basket's cells, then / den
+        num = _basket_sums(re_all, q_all, k[re_all], indptr, indices, phi_flat, P)
+        num -= ix.dphi[q_all]
+        num *= ix.inv[q_all]
+        keep = num > thr
+        res.append((re_all[keep], q_all[keep], num[keep]))
+    if not res:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
+    r = np.concatenate([x[0] for x in res]) if len(res) > 1 else res[0][0]
+    c = np.concatenate([x[1] for x in res]) if len(res) > 1 else res[0][1]
+    v = np.concatenate([x[2] for x in res]) if len(res) > 1 else res[0][2]
+    # row-major order: stable radix sorts by column, then by row
+    o = _radix_order(c, P)
+    o = o[_radix_order(r[o], n)]
+    return r[o], c[o], v[o]
