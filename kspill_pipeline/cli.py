@@ -137,7 +137,9 @@ def _report(result, label: str, t0: float) -> list[str]:
     for ev in result.all_events:
         if ev.event_type_value == "STEP_FAILURE":
             err = ev.event_specific_data.error
-            msg = err.message.strip().splitlines()[-1] if err and err.message else "step failed"
+            while err is not None and getattr(err, "cause", None) is not None:
+                err = err.cause  # the user-facing error is at the bottom of the chain
+            msg = " ".join(err.message.strip().split()) if err and err.message else "step failed"
             failures.append(f"step {ev.step_key} partition {label}: {msg}")
     dt = time.perf_counter() - t0
     print(f"  [{label}] {'FAILED' if failures else 'done'} in {dt:.1f}s", flush=True)
