@@ -142,13 +142,11 @@ def build_relatedness_assets(years_def) -> list:
     )
     def city_export_rca(context: AssetExecutionContext, trade_clean: pl.LazyFrame, relatedness: RelatednessSettings):
         from kspill_pipeline.compute.relatedness_io import city_rca_long
-        from kspill_pipeline.reference.admin import prefectures
-
         cfg = relatedness.model()
         df = load_contract("city_export_rca").conform(city_rca_long(_sample(trade_clean, cfg), int(context.partition_key), cfg))
         yield Output(df, metadata={"cities": df["city_code"].n_unique(), "cells": df.height,
                                    "share_M": float(df["M"].mean() or 0.0), "config": _cfg_meta(cfg)})
-        yield from evaluate_contract("city_export_rca", df, context={"ref_prefecture": prefectures()}, ge=False)
+        yield from evaluate_contract("city_export_rca", df, ge=False)
 
     @asset(
         name="city_export_density",
@@ -162,8 +160,6 @@ def build_relatedness_assets(years_def) -> list:
     def city_export_density(context: AssetExecutionContext, city_export_rca: pl.LazyFrame,
                             product_relatedness: pl.LazyFrame, relatedness: RelatednessSettings):
         from kspill_pipeline.compute.relatedness_io import basket_density_long
-        from kspill_pipeline.reference.admin import prefectures
-
         cfg = relatedness.model()
         phi, products = _phi_from_store(product_relatedness)
         baskets = city_export_rca.filter(pl.col("M") == 1).select(pl.col("city_code").alias("unit"), "product").collect()
@@ -174,7 +170,7 @@ def build_relatedness_assets(years_def) -> list:
         df = load_contract("city_export_density").conform(df)
         yield Output(df, metadata={"rows": df.height, "mean_density": float(df["density"].mean() or 0.0),
                                    "config": _cfg_meta(cfg)})
-        yield from evaluate_contract("city_export_density", df, context={"ref_prefecture": prefectures()}, ge=False)
+        yield from evaluate_contract("city_export_density", df, ge=False)
 
     @asset(
         name="city_complexity",
@@ -187,15 +183,13 @@ def build_relatedness_assets(years_def) -> list:
     )
     def city_complexity(context: AssetExecutionContext, city_export_rca: pl.LazyFrame, relatedness: RelatednessSettings):
         from kspill_pipeline.compute.relatedness_io import city_complexity_long
-        from kspill_pipeline.reference.admin import prefectures
-
         cfg = relatedness.model()
         df = load_contract("city_complexity").conform(city_complexity_long(city_export_rca.collect(), cfg))
         eci = df.group_by("city_code").agg(pl.col("eci").first(), pl.col("diversity").first())
         corr = eci.select(pl.corr("eci", "diversity")).item() if eci.height > 2 else None
         yield Output(df, metadata={"cities": eci.height, "corr_eci_diversity": float(corr) if corr is not None else None,
                                    "preset": cfg.city_preset, "config": _cfg_meta(cfg)})
-        yield from evaluate_contract("city_complexity", df, context={"ref_prefecture": prefectures()}, ge=False)
+        yield from evaluate_contract("city_complexity", df, ge=False)
 
     @asset(
         name="city_import_density",
@@ -209,8 +203,6 @@ def build_relatedness_assets(years_def) -> list:
     def city_import_density(context: AssetExecutionContext, trade_clean: pl.LazyFrame, firm_city: pl.LazyFrame,
                             product_relatedness: pl.LazyFrame, relatedness: RelatednessSettings, paths: KspillPaths):
         from kspill_pipeline.compute.relatedness_io import basket_density_long, import_baskets
-        from kspill_pipeline.reference.admin import prefectures
-
         cfg = relatedness.model()
         phi, products = _phi_from_store(product_relatedness)
         firm_b = import_baskets(_sample(trade_clean, cfg), cfg, products)

@@ -84,8 +84,6 @@ def _cfg_meta(cfg: S000Config) -> MetadataValue:
 
 
 def build_s000_assets(years_def) -> list:
-    from kspill_pipeline.reference.admin import prefectures
-
     history_window = TimeWindowPartitionMapping(start_offset=-200, end_offset=0,
                                                 allow_nonexistent_upstream_partitions=True)
     lag_window = TimeWindowPartitionMapping(start_offset=-1, end_offset=0, allow_nonexistent_upstream_partitions=True)
@@ -164,8 +162,7 @@ def build_s000_assets(years_def) -> list:
         counts = df.group_by("mkt_group").agg(pl.col("city_code").n_unique().alias("cities")).sort("mkt_group")
         yield Output(df, metadata={"rows": df.height, "cities_by_group": MetadataValue.json(
             {r["mkt_group"]: r["cities"] for r in counts.to_dicts()}), "config": _cfg_meta(cfg)})
-        yield from evaluate_contract("s000_city_marketization", df, context={"ref_prefecture": prefectures()},
-                                     ge=False)
+        yield from evaluate_contract("s000_city_marketization", df, ge=False)
 
     @asset(
         name="s000_panel",

@@ -132,7 +132,6 @@ def build_trade_assets(years_def) -> list:
     def clean_customs(context: AssetExecutionContext, config: TradeCleanConfig, paths: KspillPaths):
         from kspill_pipeline.compute.cleaning import clean_customs_chunked, parse_number
         from kspill_pipeline.io.raw import count_rows, discover_files, iter_customs_file
-        from kspill_pipeline.reference.admin import prefectures
 
         year = int(context.partition_key)
         src = paths.source()
@@ -216,8 +215,7 @@ def build_trade_assets(years_def) -> list:
             metadata={"preview": MetadataValue.md(frame_to_markdown(rep_df))},
         )
 
-        refs = {"ref_prefecture": prefectures()}
-        clean_results = evaluate_contract("trade_clean", clean_df, context=refs)
+        clean_results = evaluate_contract("trade_clean", clean_df)
         quar_results = evaluate_contract("trade_quarantine", quar_df, ge=False)
         acc = check_row_accounting(
             rows_read=rows_counted,

@@ -482,6 +482,15 @@ def _dedupe_headers(headers: list[str], contract: Contract, path: Path) -> list[
     return out
 
 
+def _polars_source(path: Path, enc: str, lossy: bool) -> tuple[Path, str, Path | None]:
+    """What polars reads for a CSV of encoding ``enc``: the file itself (UTF-8, lossy if needed) or
+    a UTF-8 transcoded temporary copy (GBK/GB18030...). Returns (source, polars encoding, temp)."""
+    if enc in ("utf-8", "utf-8-sig"):
+        return path, ("utf8-lossy" if lossy else "utf8"), None
+    tmp = _transcode(path, enc, lossy)
+    return tmp, "utf8", tmp
+
+
 def _read_csv(path: Path, data_dir, contract: Contract) -> RawFrame:
     enc, lossy = detect_encoding(path)
     sample = _text_sample(path, enc)
@@ -491,14 +500,7 @@ def _read_csv(path: Path, data_dir, contract: Contract) -> RawFrame:
     mapping, ignored = _map_headers(headers, contract, path)
     _check_required(mapping, headers, contract, path)
 
-    tmp: Path | None = None
-    src = path
-    polars_enc = "utf8"
-    if enc in ("utf-8", "utf-8-sig"):
-        polars_enc = "utf8-lossy" if lossy else "utf8"
-    else:
-        tmp = _transcode(path, enc, lossy)
-        src = tmp
+    src, polars_enc, tmp = _polars_source(path, enc, lossy)
     warnings: list[str] = []
     try:
         try:
@@ -667,14 +669,7 @@ def _iter_csv(path: Path, data_dir, contract: Contract, batch_rows: int) -> Iter
         out = _finish(b.select(["source_row", *mapping.keys()]), mapping, contract, rel, year, path)
         return replace(proto, df=out, n_blank_rows=n_before - b.height, warnings=list(warnings))
 
-    tmp: Path | None = None
-    src = path
-    polars_enc = "utf8"
-    if enc in ("utf-8", "utf-8-sig"):
-        polars_enc = "utf8-lossy" if lossy else "utf8"
-    else:
-        tmp = _transcode(path, enc, lossy)
-        src = tmp
+    src, polars_enc, tmp = _polars_source(path, enc, lossy)
     done = 0  # records handed out so far (blank ones included)
     try:
         try:

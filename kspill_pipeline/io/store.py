@@ -61,11 +61,7 @@ def write_table_atomic(table: pa.Table, target: Path, *, row_group_size: int = 1
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-        dfd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        _fsync_dir(target.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
