@@ -309,3 +309,25 @@ def test_density_above_falls_back_outside_its_domain():
         got = rel.density_above(Mx, ph, ph.sum(axis=0), thr)
         for a, b in zip(ref, got):
             assert np.array_equal(a, b)
+
+
+def test_density_never_exceeds_one_by_rounding():
+    """A product exported only by one unit has density exactly 1 for it (M_uq = 1 on every q with
+    phi_qp > 0); the reciprocal-multiply kernel gave 1 + 2.2e-16 at full scale (city_complexity
+    2011 failed its [0, 1] range check). Rows of M all ones -> every density is 1 by definition."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from kspill_pipeline.compute import relatedness as rel
+
+    # many columns with awkward sums so that some ratio rounds above 1 without the snap
+    rng = np.random.default_rng(0)
+    P = 400
+    phi = rng.random((P, P)) / 3
+    phi = (phi + phi.T) / 2
+    np.fill_diagonal(phi, 1.0)
+    M = np.ones((3, P))
+    raw = (M @ phi) * (1.0 / phi.sum(axis=0))[None, :]
+    assert (raw > 1.0).any()  # the case exists without the snap
+    for D in (rel.density(M, phi), rel.density(sp.csr_array(M), phi)):
+        assert D.max() == 1.0 and np.allclose(D, 1.0, rtol=0, atol=1e-12)
