@@ -14,13 +14,6 @@ from kspill_pipeline import cli
 from kspill_pipeline.io import store
 
 
-@pytest.fixture(scope="module")
-def full_tiny_store(tiny_universe, tmp_path_factory):
-    st = tmp_path_factory.mktemp("s000_store")
-    assert cli.main(["run", "--data", str(tiny_universe), "--store", str(st), "--ephemeral"]) == 0
-    return st
-
-
 def test_s000_outputs_exist_and_tables_have_the_six_columns(full_tiny_store):
     t1 = store.scan(full_tiny_store, "s000_table1").collect()
     models = set(t1.filter(pl.col("table") == "table1")["model"])
@@ -33,6 +26,14 @@ def test_s000_outputs_exist_and_tables_have_the_six_columns(full_tiny_store):
     assert panel.height > 0 and (panel["density_firm"] > 0.05).all()
     # every yearly partition recorded a passing gate
     assert store.gate_problems(full_tiny_store, "s000_panel", store.existing_years(full_tiny_store, "s000_panel")) == []
+    # replication page: one comparison row per published cell that was estimated (Table 1: 3+3+4+5+5
+    # coefficients + 5 AMEs = 25; Table 2: 5 per estimated subsample)
+    rep = store.scan(full_tiny_store, "s000_replication").collect()
+    t2 = store.scan(full_tiny_store, "s000_table2").collect()
+    assert rep.height == 25 + 5 * t2.filter(pl.col("kind") == "coef")["model"].n_unique()
+    page = (full_tiny_store / "s000_replication" / "replication.md").read_text(encoding="utf-8")
+    assert "cannot reproduce the published magnitudes" in page
+    assert f"Signs agree in {int(rep['sign_agrees'].sum())} of {rep.height}" in page
 
 
 def test_regressions_refuse_upstream_partition_with_failed_check(full_tiny_store, tiny_universe, tmp_path,
@@ -57,7 +58,8 @@ def test_regressions_refuse_upstream_partition_with_failed_check(full_tiny_store
     rc = cli.main(["run", "--data", str(tiny_universe), "--store", str(st), "--ephemeral", "--select", "s000_table1"])
     err = capsys.readouterr().err
     assert rc == 1
-    assert "asset trade_clean partition 2010: failed check(s)" in err and "unique_grain" in err
+    # the failed run left a failure marker (and a failed gate): either names partition and rule
+    assert "asset trade_clean partition 2010" in err and "unique_grain" in err
     # a missing evaluation is refused too
     (st / "s000_panel" / "year=2012" / "_checks.json").unlink()
     rc = cli.main(["run", "--data", str(tiny_universe), "--store", str(st), "--ephemeral", "--select", "s000_table2"])

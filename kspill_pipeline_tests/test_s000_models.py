@@ -253,3 +253,21 @@ def test_perfectly_predicted_subsample_raises_cleanly_in_subprocess():
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
     assert "ValueError: sample 'West'" in proc.stderr
     assert "perfectly predicted" in proc.stderr
+
+
+def test_ame_method_switch_selects_column6(small):
+    """Switch ``ame_method``: column (6) of the rendered Table 1 shows the chosen AME kind."""
+    panel, _ = small
+    tidy = m.table1(panel).tidy
+    six = tidy.filter(pl.col("model") == "(6)")
+    naive = six.filter((pl.col("kind") == "ame_naive") & (pl.col("term") == "density_firm"))["estimate"][0]
+    aware = six.filter((pl.col("kind") == "ame_interaction_aware") & (pl.col("term") == "density_firm"))["estimate"][0]
+    cross = six.filter(pl.col("kind") == "cross_partial")["estimate"][0]
+    assert abs(naive - aware) > 1e-3  # the two kinds differ on this panel, so the check can fail
+    md_naive = m.render_s000(tidy, "table1", "markdown", show_published=False)
+    md_aware = m.render_s000(tidy, "table1", "markdown", show_published=False, ame_method="interaction_aware")
+    assert f"{naive:.3f}" in md_naive and f"{aware:.3f}" not in md_naive.split("naive_per_column")[-1]
+    assert f"{aware:.3f}" in md_aware and f"{cross:.3f}" in md_aware
+    assert "interaction_aware" in md_aware.splitlines()[0] or "interaction_aware" in md_aware
+    with pytest.raises(ValueError, match="ame_method"):
+        m.render_s000(tidy, "table1", "markdown", ame_method="stata")

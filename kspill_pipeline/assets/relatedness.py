@@ -8,6 +8,8 @@ Thin wiring around ``compute.samples``, ``compute.relatedness``, ``compute.compl
 
 import time
 
+from typing import Literal
+
 import numpy as np
 import polars as pl
 from dagster import (
@@ -37,13 +39,13 @@ GROUP = "relatedness"
 class RelatednessSettings(ConfigurableResource):
     """Run-wide relatedness switches (validated by ``config.RelatednessConfig``)."""
 
-    sample: str = "s000"
-    processing_drop_level: str = "transaction"
-    product_level: str = "hs4"
-    phi_basis: str = "firm"
-    phi_variant: str = "min_conditional"
-    phi_diagonal: str = "one"
-    city_preset: str = "stata"
+    sample: Literal["s000", "s001", "s004", "all"] = "s000"
+    processing_drop_level: Literal["transaction", "firm"] = "transaction"
+    product_level: Literal["hs2", "hs4", "hs6"] = "hs4"
+    phi_basis: Literal["firm", "city"] = "firm"
+    phi_variant: Literal["min_conditional", "asymmetric", "correlation"] = "min_conditional"
+    phi_diagonal: Literal["one", "zero", "raw"] = "one"
+    city_preset: Literal["stata", "py-ecomplexity", "r-economiccomplexity"] = "stata"
     rca_threshold: float = 1.0
     density_include_self: bool = True
     density_firm_threshold: float = 0.05

@@ -7,12 +7,13 @@ Switches: the Dagster resource ``s000`` (``S000Settings``), one field per switch
 """
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import polars as pl
 from dagster import (
     AssetExecutionContext,
     AssetIn,
+    AssetKey,
     ConfigurableResource,
     MetadataValue,
     Output,
@@ -33,14 +34,18 @@ GROUP = "s000"
 
 
 def _settings_class() -> type:
-    """A ConfigurableResource with one plain-typed field per S000Config switch (Dagster config
-    has no Literal types); ``model()`` validates through S000Config, whose errors name the key and
-    the allowed values."""
+    """A ConfigurableResource with one field per S000Config switch: string choices as ``Literal``
+    (an enum in the launchpad, rejected before launch), numbers and integer choices plain-typed;
+    ``model()`` validates through S000Config, whose errors name the key and the allowed values."""
     ann: dict[str, Any] = {"preset": str}
     ns: dict[str, Any] = {"preset": "paper"}
     for name, f in S000Config.model_fields.items():
         d = f.default
-        ann[name] = type(d) if isinstance(d, (bool, int, float, str)) else str
+        a = f.annotation
+        if get_origin(a) is Literal and all(isinstance(x, str) for x in get_args(a)):
+            ann[name] = a  # Dagster shows and validates string Literals as enums in the launchpad
+        else:
+            ann[name] = type(d) if isinstance(d, (bool, int, float, str)) else str
         ns[name] = d
 
     def model(self) -> S000Config:
@@ -238,7 +243,7 @@ def build_s000_assets(years_def) -> list:
     def _vcov(cfg: S000Config):
         return "iid" if cfg.se_type == "mle_default" else {"CRV1": "firm_id"}
 
-    def _render(paths: KspillPaths, name: str, tidy: pl.DataFrame, which: list[str]) -> dict:
+    def _render(paths: KspillPaths, name: str, tidy: pl.DataFrame, which: list[str], cfg: S000Config) -> dict:
         """Markdown, LaTeX and HTML renderings written beside the asset; returns their paths."""
         from kspill_pipeline.studies.s000_models import render_s000
 
@@ -249,7 +254,8 @@ def build_s000_assets(years_def) -> list:
             for fmt, ext in (("markdown", "md"), ("latex", "tex"), ("html", "html")):
                 f = out_dir / f"{w}.{ext}"
                 tmp = out_dir / f".tmp-{w}.{ext}"
-                tmp.write_text(render_s000(tidy, w, fmt), encoding="utf-8")
+                opts = {"ame_method": cfg.ame_method} if w == "table1" else {}
+                tmp.write_text(render_s000(tidy, w, fmt, **opts), encoding="utf-8")
                 tmp.replace(f)
                 written[f"{w}.{ext}"] = str(f)
         return written
@@ -277,10 +283,11 @@ def build_s000_assets(years_def) -> list:
         years = _panel_years(context)
         require_gates(paths.store, [("s000_panel", years), ("trade_clean", years)])
         panel = s000_panel.collect()
-        t1 = m.table1(panel, vcov=_vcov(cfg), standardize_interaction=cfg.standardize_interaction)
+        t1 = m.table1(panel, vcov=_vcov(cfg), standardize_interaction=cfg.standardize_interaction,
+                      method=cfg.estimator, information=cfg.se_information)
         tidy = m.tidy_all(t1.tidy, m.lpm(panel))
         df = load_contract("s000_table1").conform(tidy)
-        files = _render(paths, "s000_table1", df, ["table1", "ame", "lpm"])
+        files = _render(paths, "s000_table1", df, ["table1", "ame", "lpm"], cfg)
         yield Output(df, metadata={
             "n_obs": int(df.filter(pl.col("model") == "(4)")["n_obs"].max() or 0),
             "years": MetadataValue.json(years),
@@ -310,9 +317,10 @@ def build_s000_assets(years_def) -> list:
         cfg = s000.model()
         years = _panel_years(context)
         require_gates(paths.store, [("s000_panel", years), ("trade_clean", years)])
-        t2 = m.table2(s000_panel.collect(), vcov=_vcov(cfg), on_empty="skip")
+        t2 = m.table2(s000_panel.collect(), vcov=_vcov(cfg), on_empty="skip", method=cfg.estimator,
+                      information=cfg.se_information)
         df = load_contract("s000_table2").conform(m.tidy_all(t2.tidy))
-        files = _render(paths, "s000_table2", df, ["table2"])
+        files = _render(paths, "s000_table2", df, ["table2"], cfg)
         yield Output(df, metadata={
             "years": MetadataValue.json(years),
             "skipped_subsamples": MetadataValue.json(t2.skipped),
@@ -322,4 +330,44 @@ def build_s000_assets(years_def) -> list:
         })
         yield from evaluate_contract("s000_table2", df, ge=False)
 
-    return [firm_export_history, s000_firm_controls, s000_city_marketization, s000_panel, s000_table1, s000_table2]
+    @asset(
+        name="s000_replication",
+        group_name=GROUP,
+        description=_desc("s000_replication"),
+        kinds={"polars", "markdown"},
+        ins={"s000_table1": AssetIn(), "s000_table2": AssetIn()},
+        check_specs=contract_check_specs("s000_replication", ge=False),
+    )
+    def s000_replication(context: AssetExecutionContext, s000_table1: pl.LazyFrame, s000_table2: pl.LazyFrame,
+                         s000: S000Settings, paths: KspillPaths):
+        """Replication page: our Tables 1-2 beside the published ones, signs and scale-free relations
+        (studies/s000_replication.py). Written to ``<store>/s000_replication/replication.md``."""
+        from kspill_pipeline.studies import s000_replication as rep
+
+        cfg = s000.model()
+        tidy = pl.concat([s000_table1.collect(), s000_table2.collect()], how="vertical_relaxed")
+        source = paths.source()
+        synthetic = bool((source.model_extra or {}).get("generator"))
+        years = sorted(int(d.name.split("=", 1)[1]) for d in (paths.store / "s000_panel").glob("year=*"))
+        t2_meta = context.instance.get_latest_materialization_event(AssetKey("s000_table2"))
+        skipped = {}
+        if t2_meta is not None and t2_meta.asset_materialization is not None:
+            sk = t2_meta.asset_materialization.metadata.get("skipped_subsamples")
+            skipped = dict(sk.value) if sk is not None and isinstance(sk.value, dict) else {}
+        page = rep.replication_page(tidy, synthetic=synthetic, data_label=f"{source.name} ({paths.data})",
+                                    years=years, switches=cfg.model_dump(mode="json"), skipped=skipped)
+        out_dir = paths.store / "s000_replication"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / ".tmp-replication.md"
+        tmp.write_text(page, encoding="utf-8")
+        tmp.replace(out_dir / "replication.md")
+        df = load_contract("s000_replication").conform(rep.comparison(tidy))
+        yield Output(df, metadata={
+            "published_cells": df.height, "signs_agree": int(df["sign_agrees"].sum() or 0),
+            "synthetic_data": synthetic, "page": MetadataValue.md(page),
+            "path": MetadataValue.path(str(out_dir / "replication.md")),
+        })
+        yield from evaluate_contract("s000_replication", df, ge=False)
+
+    return [firm_export_history, s000_firm_controls, s000_city_marketization, s000_panel, s000_table1, s000_table2,
+            s000_replication]

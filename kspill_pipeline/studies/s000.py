@@ -84,6 +84,13 @@ class S000Config(BaseModel):
       explains: a mechanical circularity, issue 4 "Validation"); 1 = phi_{t-1} from year t-1
       co-export with year-t import baskets, the variant the synthetic generator plants.
     * ``base_year``: first year of the cumulative new-export window (spec 3.5 footnote 2: 2002).
+    * ``se_information``: the information matrix behind the ML standard errors. ``expected``
+      (pyfixest, fixest, statsmodels GLM) or ``observed`` (the Hessian: Stata ``probit``'s default
+      OIM, the likeliest software of the paper; spec 4 "SEs tiny, default MLE"). Both are
+      consistent; on the demo panel they differ in the third significant digit.
+    * ``estimator``: ``pyfixest`` (feglm, FEs absorbed) or ``dummies`` (kspill's chunked Newton ML
+      fit with explicit FE parameters, bounded memory; same estimates to ~1e-8, see
+      ``s000_models``).
 
     ``newexport_base_year`` keeps the spec's option names (``drop_2002`` / ``set_zero_2002``); they
     act on ``base_year`` whatever its value.
@@ -108,6 +115,8 @@ class S000Config(BaseModel):
     standardize_interaction: Literal["z_of_product", "product_of_z"] = "z_of_product"
     ame_method: Literal["naive_per_column", "interaction_aware"] = "naive_per_column"
     se_type: Literal["mle_default", "cluster_firm"] = "mle_default"
+    se_information: Literal["expected", "observed"] = "expected"
+    estimator: Literal["pyfixest", "dummies"] = "pyfixest"
     mkt_quantile_base: Literal["cities", "observations"] = "cities"
     mkt_share_period: Literal["pooled", "per_year"] = "pooled"
     mkt_trade_definition: Literal["imports_plus_exports", "exports_only"] = "imports_plus_exports"

@@ -626,7 +626,7 @@ def fit_probit(
             raise RuntimeError(f"sample '{prep.sample}': pyfixest used {fit._N} rows, expected {n}")
         names = list(fit._coefnames)
         if names != regressors:
-            raise RuntimeError(f"sample '{prep.sample}': pyfixest dropped collinear regressors: {names}")
+            raise CollinearRegressors(f"sample '{prep.sample}': pyfixest dropped collinear regressors: {names}")
         beta = np.asarray(fit.coef().to_numpy(), dtype=float)
         V = np.asarray(fit._vcov, dtype=float)
         eta_pf = np.asarray(fit._Y_hat_link, dtype=float).ravel()
@@ -904,6 +904,11 @@ def table1(
     return TableResult(tidy=_finish(rows), fits=fits, timings=timings)
 
 
+class CollinearRegressors(ValueError):
+    """pyfixest dropped a slope regressor as collinear with the others or the fixed effects: the
+    model as specified cannot be estimated on that sample (never silently reported without it)."""
+
+
 def table2(
     panel: pl.DataFrame | pl.LazyFrame,
     *,
@@ -931,8 +936,14 @@ def table2(
                 skipped[name] = str(exc)
                 continue
             raise
-        fits[name] = fit_probit(prep, FULL_MODEL, fe, vcov=vcov, method=method, depvar=depvar,
-                                full_vcov=False, information=information)
+        try:
+            fits[name] = fit_probit(prep, FULL_MODEL, fe, vcov=vcov, method=method, depvar=depvar,
+                                    full_vcov=False, information=information)
+        except CollinearRegressors as exc:
+            if on_empty == "skip":  # e.g. a small subsample where a density has no variation left
+                skipped[name] = str(exc)
+                continue
+            raise
         rows += _rows_for_fit(fits[name], "table2", name, fits[name].tidy())
     return TableResult(tidy=_finish(rows), fits=fits, skipped=skipped)
 
@@ -1078,11 +1089,15 @@ def render_s000(
     fmt: Literal["markdown", "latex", "html"] = "markdown",
     *,
     show_published: bool = True,
+    ame_method: Literal["naive_per_column", "interaction_aware"] = "naive_per_column",
     **options: Any,
 ) -> str:
     """Render one S000 table from the tidy frame.
 
-    ``table1``: columns (1)-(5) coefficients and (6) = ``ame_naive`` (the paper's layout);
+    ``table1``: columns (1)-(5) coefficients and (6) = the AMEs chosen by ``ame_method`` (switch of
+    spec S000 section 7): ``naive_per_column`` = ``ame_naive`` (the paper's layout, default) or
+    ``interaction_aware`` (the densities' derivatives moving the product term; the product-term row
+    then holds the Ai-Norton cross-partial). The tidy output always carries all three kinds;
     ``table2``: the five subsamples; ``lpm``: the LPM with its SE types side by side;
     ``ame``: column (6) with the three AME kinds side by side (naive, interaction-aware,
     cross-partial).
@@ -1091,11 +1106,20 @@ def render_s000(
 
     opts: dict[str, Any] = dict(terms=list(FULL_MODEL), term_labels=TERM_LABELS, fe_labels=FE_LABELS)
     if which == "table1":
+        if ame_method == "naive_per_column":
+            col6 = pl.col("kind") == "ame_naive"
+            label = "naive_per_column, as in the paper"
+        elif ame_method == "interaction_aware":
+            col6 = (pl.col("kind") == "ame_interaction_aware") | (
+                (pl.col("kind") == "cross_partial") & (pl.col("term") == "interaction"))
+            label = "interaction_aware; interaction row = Ai-Norton cross-partial"
+        else:
+            raise ValueError(f"ame_method must be 'naive_per_column' or 'interaction_aware', not {ame_method!r}")
         df = tidy.filter((pl.col("table") == "table1")
                          & (((pl.col("model") != "(6)") & (pl.col("kind") == "coef"))
-                            | ((pl.col("model") == "(6)") & (pl.col("kind") == "ame_naive"))))
-        opts.update(title="Table 1: Probit, year and industry FE; (5) standardised; (6) AMEs of (5) "
-                          "(naive_per_column, as in the paper)", show_published=show_published)
+                            | ((pl.col("model") == "(6)") & col6)))
+        opts.update(title=f"Table 1: Probit, year and industry FE; (5) standardised; (6) AMEs of (5) "
+                          f"({label})", show_published=show_published)
     elif which == "table2":
         df = tidy.filter(pl.col("table") == "table2")
         opts.update(title="Table 2: regional heterogeneity (Probit, full model)", show_published=show_published)
