@@ -8,6 +8,11 @@ Registered benchmarks:
 * ``ingest``: read + clean one year of the synthetic universe (``KSPILL_BENCH_SCALE``, default
   demo; ``kspill_seconds``: the chunked path of the asset, ``single_shot_seconds``: the old one) against the reference "bare read": polars reading the same files as strings and a
   group-by to the annual grain, i.e. the least any ingestion must do.
+* ``quality``: export quality variant A on one ``full`` synthetic year against a dense
+  dummy-variable least-squares solve on a subsample where dense is feasible
+  (``bench/quality_bench.py``).
+* ``s000_full``: study S000 panel and Table 1 at ``full`` scale, pyfixest vs the chunked Newton
+  path (``bench/s000_bench.py``; named only, about 20 minutes the first time).
 * ``ingest_full``: one year of the synthetic ``full`` scale (cached in ``.kspill/data/full-bench``,
   generated once otherwise; ``--year``, default 2015), each path in its own process so that its peak
   RSS is its own: the single-shot path (read all files, concatenate, ``clean_customs``), the chunked
@@ -222,18 +227,34 @@ def _firm_density(a):
     return firm_density_bench.run(a)
 
 
+def _quality(a):
+    from kspill_pipeline.bench import quality_bench
+
+    return quality_bench.run(a)
+
+
+def _s000_full(a):
+    from kspill_pipeline.bench import s000_bench
+
+    return s000_bench.run(a)
+
+
 BENCHMARKS = {
     "ingest": lambda a: bench_ingest(a.scale, a.year),
     "ingest_full": lambda a: bench_ingest_full(a.year if a.year != 2004 else 2015, a.stack),
     "ecomplexity": _ecomplexity,
     "firm_density": _firm_density,
+    "quality": _quality,
+    "s000_full": _s000_full,
 }
+# named only (several minutes to tens of minutes each): python -m kspill_pipeline.bench <name>
+HEAVY = {"ingest_full", "s000_full"}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kspill-bench")
     # ingest_full (several minutes, about 4 GB of RAM) runs only when named
-    p.add_argument("names", nargs="*", default=[n for n in BENCHMARKS if n != "ingest_full"])
+    p.add_argument("names", nargs="*", default=[n for n in BENCHMARKS if n not in HEAVY])
     p.add_argument("--scale", default=os.environ.get("KSPILL_BENCH_SCALE", "demo"))
     p.add_argument("--year", type=int, default=2004)
     p.add_argument("--stack", type=int, default=4, help="ingest_full: copies of the year for the 10M-row run")
