@@ -24,6 +24,11 @@ Contract format (validated strictly; any problem raises ``ValueError`` naming th
         foreign_key: {table, column}                      # optional
         aliases: [<header>, ...]  # optional; raw contracts map file headers to the column
 
+Shared layouts: a contract may say ``extends: <other>`` instead of repeating ``columns`` (and
+``grain``, ``partitioned_by``, ``kind``, ``group``): it takes them from ``<other>.yaml`` (a contract
+of ``kind: template`` when no dataset of that name exists) and gives its own ``name`` and
+``description``. Used for the regression tables of a study, which share one tidy layout.
+
 Contract folder: ``$KSPILL_CONTRACTS_DIR``, else ``<repo>/data_contracts`` (development checkout),
 else ``kspill_pipeline/_data_contracts`` (installed wheel; pyproject force-includes it).
 """
@@ -84,15 +89,16 @@ _INT_TYPES = {"int8", "int16", "int32", "int64"}
 _FLOAT_TYPES = {"float32", "float64"}
 _LIST_RE = re.compile(r"^list\[(.+)\]$")
 
-_TOP_KEYS = {"name", "kind", "group", "description", "partitioned_by", "grain", "columns"}
+_TOP_KEYS = {"name", "kind", "group", "description", "partitioned_by", "grain", "columns", "extends"}
 _TOP_REQUIRED = {"name", "kind", "description", "grain", "columns"}
+_INHERITED = ("kind", "group", "partitioned_by", "grain", "columns")
 _COL_KEYS = {
     "name", "type", "nullable", "unit", "description", "allowed", "range", "pattern", "foreign_key", "aliases",
 }
 _COL_REQUIRED = {"name", "type", "nullable"}
 _RANGE_KEYS = {"min", "max", "min_exclusive", "max_exclusive"}
 _FK_KEYS = {"table", "column"}
-_KINDS = {"raw", "asset", "reference"}
+_KINDS = {"raw", "asset", "reference", "template"}
 _PARTITION_KEYS = {"year"}
 
 
@@ -562,6 +568,17 @@ def load_contract_file(path: Path | str) -> Contract:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: invalid YAML: {exc}") from None
+    if isinstance(raw, dict) and "extends" in raw:
+        base_name = raw["extends"]
+        base_path = path.parent / f"{base_name}.yaml"
+        if not isinstance(base_name, str) or not base_path.is_file():
+            raise _err(path, "extends", f"no contract {base_name!r} to extend in {path.parent}")
+        base = yaml.safe_load(base_path.read_text(encoding="utf-8")) or {}
+        if "extends" in base:
+            raise _err(path, "extends", f"{base_name!r} itself extends another contract (one level only)")
+        raw = {**{k: base[k] for k in _INHERITED if k in base}, **{k: v for k, v in raw.items() if k != "extends"}}
+        if raw.get("kind") == "template":
+            raw["kind"] = "asset"
     return parse_contract(raw, path)
 
 

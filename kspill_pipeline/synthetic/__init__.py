@@ -206,8 +206,17 @@ def generate(
                         "kspill_pipeline.synthetic; planted truths in _truth/ (read by tests only)."),
         "generator": {"scale": scale, "seed": int(seed), "version": GENERATOR_VERSION,
                       "n_firms": int(sc.n_firms)},
+        # export quality (issue 5): the planted sigmas are HS3 codes of HS2007, one table, no country
+        # min_obs_per_hs6: the spec's 100 flows per HS6-year would keep a handful of products in the
+        # small universes (demo 2004: 27 of 438 HS6); the full universe keeps the spec value
+        "quality": {"sigma_file": "companion/sigma_hs3.csv", "sigma_vintage": "HS2007",
+                    "min_obs_per_hs6": {"tiny": 3, "demo": 20}.get(scale, 100)},
     }
     (out / "source.yaml").write_text(yaml.safe_dump(src, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    # study S004 inputs beyond customs (companion/s004/), same seed as the planted quality shift
+    from kspill_pipeline.synthetic.s004_inputs import generate_s004_inputs
+
+    generate_s004_inputs(out, seed)
     _ = time.perf_counter() - t0
     return out
 

@@ -108,6 +108,29 @@ def phi_matrix(M: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     return phi, U
 
 
+_VAGG_SHIFT: dict[tuple, dict[int, np.ndarray]] = {}
+
+
+def vagg_shift(u: Universe, t: int) -> np.ndarray:
+    """Planted S004 quality shift per city index for year t (``synthetic.s004_inputs.
+    planted_ln_lambda_shift``; city means over the fixed window 2000-2016, so the shift of a
+    city-year does not depend on which years are generated)."""
+    from kspill_pipeline.synthetic.s004_inputs import EXPOSURE_YEARS, planted_ln_lambda_shift
+
+    key = (int(u.seed), tuple(u.city_code.tolist()))
+    if key not in _VAGG_SHIFT:
+        fr = planted_ln_lambda_shift(list(u.city_code), EXPOSURE_YEARS, int(u.seed))
+        pos = {c: i for i, c in enumerate(u.city_code.tolist())}
+        out: dict[int, np.ndarray] = {}
+        for (yr,), g in fr.group_by(["year"]):
+            a = np.zeros(len(pos))
+            a[[pos[c] for c in g["city_code"].to_list()]] = g["ln_lambda_shift"].to_numpy()
+            out[int(yr)] = a
+        _VAGG_SHIFT.clear()
+        _VAGG_SHIFT[key] = out
+    return _VAGG_SHIFT[key].get(int(t), np.zeros(len(u.city_code)))
+
+
 def simulate_year(u: Universe, t: int, prev_clean: sp.csr_matrix | None, monthly: bool) -> YearResult:
     sc = u.scale
     n, n4, n6 = u.n_firms, len(u.hs4), len(u.hs6)
@@ -263,6 +286,9 @@ def simulate_year(u: Universe, t: int, prev_clean: sp.csr_matrix | None, monthly
     # CES prices and quantities (exports); simple lognormals (imports)
     fh = f_.astype(np.uint64) * np.uint64(n6) + h_.astype(np.uint64)
     lam = u.quality[f_] + CES["lambda_firm_product_sd"] * hash_normal(fh, 7) + CES["lambda_flow_sd"] * rng.standard_normal(nf)
+    # study S004: planted effect of virtual agglomeration on quality, BETA_VAGG * (vagg_ct - city mean)
+    # by the firm's home city (deterministic, own RNG stream: no draw of the customs stream moves)
+    lam = lam + vagg_shift(u, t)[u.firm_city[f_]]
     lnp = u.hs6_base_lp[h_] + u.cost[f_] + CES["price_quality_elasticity"] * lam + CES["price_noise_sd"] * rng.standard_normal(nf)
     sig = u.hs6_sigma[h_]
     dt = (u.p_delta[d_] + CES["partner_year_trend"] * (t - 2000)

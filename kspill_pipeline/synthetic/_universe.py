@@ -13,7 +13,7 @@ import numpy as np
 from kspill_pipeline.config import KEYWORD_PRESETS, KEYWORD_UNION
 from kspill_pipeline.synthetic import _reference as ref
 
-GENERATOR_VERSION = "1.0.0"
+GENERATOR_VERSION = "1.2.0"  # 1.1: source.yaml quality section; 1.2: S004 inputs + planted vagg effect
 CALENDAR = (2000, 2016)
 #: Firm entry/exit: incumbents in 2000, the rest enter with density rising over time (sqrt), geometric
 #: lifetimes. Active share of the pool rises from ~0.30 (2000) to ~0.69 (2016), mean ~0.41.
