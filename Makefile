@@ -26,11 +26,12 @@ demo: setup
 	$(PY) -m kspill_pipeline.cli demo
 
 test: setup
+	@bash scripts/ensure_chromium.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ui: setup
 	@mkdir -p .dagster
-	@echo "Dagster UI on http://127.0.0.1:3000 (data: $${KSPILL_DATA_DIR:-.kspill/data/demo})"
+	@echo "Dagster UI on http://127.0.0.1:$${KSPILL_UI_PORT:-3000} (loopback only; data: $${KSPILL_DATA_DIR:-.kspill/data/demo}, instance: $${DAGSTER_HOME:-dagster.yaml -> .dagster/})"
 	.venv/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p $${KSPILL_UI_PORT:-3000}
 
 bench: setup

@@ -39,3 +39,14 @@ def tiny_universe(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_universe")
     generate(out, scale="tiny", seed=7)
     return out
+
+
+@pytest.fixture(scope="session")
+def full_tiny_store(tiny_universe, tmp_path_factory) -> Path:
+    """Every asset of the graph materialised once on the tiny universe (``kspill run``); tests that
+    modify a store copy it first."""
+    from kspill_pipeline import cli
+
+    st = tmp_path_factory.mktemp("full_tiny_store")
+    assert cli.main(["run", "--data", str(tiny_universe), "--store", str(st), "--ephemeral"]) == 0
+    return st

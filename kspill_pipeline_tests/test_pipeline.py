@@ -183,7 +183,10 @@ def test_unreadable_year_fails_naming_file_and_field_other_years_complete(tiny_u
     assert "partition 2014" in err and target.name in err and "hs_code" in err
     assert (tmp_path / "s" / "trade_clean" / "year=2013" / "part-0.parquet").is_file()
     assert (tmp_path / "s" / "trade_clean" / "year=2015" / "part-0.parquet").is_file()
-    assert not (tmp_path / "s" / "trade_clean" / "year=2014").exists()
+    # no data for the failed year, only the failure marker that gated consumers refuse
+    y14 = tmp_path / "s" / "trade_clean" / "year=2014"
+    assert not list(y14.glob("*.parquet"))
+    assert "hs_code" in (y14 / "_failed.json").read_text(encoding="utf-8")
 
 
 def test_dagster_cli_materialises_a_partition_in_a_subprocess(tiny_universe, tmp_path):
@@ -202,3 +205,16 @@ def test_dagster_cli_materialises_a_partition_in_a_subprocess(tiny_universe, tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "s" / "trade_clean" / "year=2005" / "part-0.parquet").is_file()
     assert "RUN_SUCCESS" in proc.stderr
+
+
+def test_invalid_selection_is_a_clear_error_and_multi_asset_siblings_come_along():
+    from kspill_pipeline.cli import resolve_selection
+    from kspill_pipeline.definitions import build_definitions
+
+    defs = build_definitions()
+    with pytest.raises(SystemExit, match="invalid --select 'group:trade or firm_city'"):
+        resolve_selection(defs, "group:trade or firm_city")
+    # "+s000_table1" pulls trade_clean in as an ancestor; clean_customs cannot run a subset, so its
+    # other outputs must come along (Dagster refuses the subset otherwise)
+    names = {k.to_user_string() for k in resolve_selection(defs, "+s000_table1")}
+    assert {"trade_clean", "trade_quarantine", "trade_cleaning_report"} <= names

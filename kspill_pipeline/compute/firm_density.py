@@ -41,11 +41,21 @@ Readers must go through :func:`read_manifest` / :func:`scan_parts`, never a ``pa
 failed task (an exception or a dead worker) aborts before step 2, removes the staging folder and
 leaves the previous manifest and generation untouched and readable; a process killed anywhere
 leaves either the old or the new manifest, each pointing at complete files.
+
+A dead Dask worker (process killed, out of memory) takes the bucket inputs scattered to it with it,
+so Dask cannot re-run the lost tasks by itself (``FutureCancelledError``: scattered data lost), and a
+task whose workers keep dying ends in ``KilledWorker``. Both are treated as transient: the whole
+computation is retried (``worker_loss_retries`` times, default 2) in a fresh staging folder, with the
+inputs scattered again from this process; task exceptions (``BucketTaskError``) are never retried.
+Every bucket is a pure function of its inputs, so a retried run writes the same rows as an
+undisturbed one. When the retries are used up, :class:`FirmDensityError` says that a worker died.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import logging
 import os
 import resource
 import secrets
@@ -99,6 +109,9 @@ HASH_SEED = 0x6B5350
 # normalisation and filter passes and are recycled by malloc (measured best of 128-8192 on the
 # full synthetic year: 256)
 DEFAULT_BLOCK_ROWS = 256
+#: whole-run retries after a Dask worker died (see the module docstring)
+WORKER_LOSS_RETRIES = 2
+log = logging.getLogger(__name__)
 PARQUET_COMPRESSION = "zstd"
 PARQUET_COMPRESSION_LEVEL = 1
 
@@ -109,6 +122,19 @@ class FirmDensityError(RuntimeError):
 
 class BucketTaskError(RuntimeError):
     """Raised inside a bucket task; names the bucket (picklable: a single message argument)."""
+
+
+def _worker_lost(e: BaseException) -> bool:
+    """True for the errors ``distributed`` raises when a worker process died during the run:
+    ``KilledWorker`` (a task's workers kept dying) and ``FutureCancelledError`` (a
+    ``concurrent.futures.CancelledError``: the inputs scattered to the dead worker are lost)."""
+    if isinstance(e, BucketTaskError):
+        return False
+    try:
+        from distributed.scheduler import KilledWorker
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return False
+    return isinstance(e, (KilledWorker, concurrent.futures.CancelledError))
 
 
 def _rel():
@@ -438,6 +464,8 @@ class DensityResult:
     seconds_commit: float
     peak_rss_bytes: int
     bucket_stats: list[dict] = field(default_factory=list)
+    #: whole-run retries used because a Dask worker died (0 = undisturbed)
+    worker_loss_retries: int = 0
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -603,6 +631,7 @@ def firm_density_to_parquet(
     block_rows: int = DEFAULT_BLOCK_ROWS,
     manifest_metadata: dict | None = None,
     out_names: tuple[str, str, str] = ("unit_id", "product", "density"),
+    worker_loss_retries: int = WORKER_LOSS_RETRIES,
 ) -> DensityResult:
     """density_firm of every unit in ``basket_edges`` x every product, kept where ``> threshold``.
 
@@ -620,6 +649,8 @@ def firm_density_to_parquet(
     :func:`commit_parts` (see the module docstring); with ``commit=False`` the staged files are
     returned for the caller to commit. On any task failure nothing is published, the staging
     folder is removed and :class:`FirmDensityError` is raised (the previous generation stays).
+    A Dask worker that dies mid-run makes the whole computation run again, up to
+    ``worker_loss_retries`` times (module docstring).
     """
     import dask
 
@@ -644,34 +675,47 @@ def firm_density_to_parquet(
         prod_arrow = prod_arrow.combine_chunks()
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = out_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
-    staging.mkdir()
     t_prep = time.perf_counter() - t_all
     t_c = time.perf_counter()
-    try:
-        shared = _share(client, (phi, phi_colsum, prod_arrow, index))
-        pieces = client.scatter(bb.pieces, hash=False) if client is not None else bb.pieces
-        task = dask.delayed(_density_task, pure=False)
-        tasks = [
-            task(pieces[k], shared, k, str(staging), float(threshold), bool(include_self),
-                 dtype.str, extra, int(block_rows), tuple(out_names))
-            for k in range(bb.n_buckets)
-        ]
-        stats = _run(client, tasks)
-        missing = [s["file"] for s in stats if not Path(s["file"]).is_file()]
-        if missing:
-            raise FirmDensityError(f"tasks reported parts that do not exist: {missing[:3]}")
-        _fsync_dir(staging)
-    except BaseException as e:
-        _discard_staging(staging)
-        if isinstance(e, FirmDensityError):
-            raise
-        if not isinstance(e, Exception):
-            raise
-        raise FirmDensityError(
-            f"firm density for {out_dir} failed; nothing was published (the previous generation, if any, "
-            f"is intact): {type(e).__name__}: {e}"
-        ) from e
+    retries = 0
+    while True:
+        # a fresh staging folder per attempt: tasks of an aborted attempt that are still running
+        # can only write into the discarded one
+        staging = out_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+        staging.mkdir()
+        try:
+            shared = _share(client, (phi, phi_colsum, prod_arrow, index))
+            pieces = client.scatter(bb.pieces, hash=False) if client is not None else bb.pieces
+            task = dask.delayed(_density_task, pure=False)
+            tasks = [
+                task(pieces[k], shared, k, str(staging), float(threshold), bool(include_self),
+                     dtype.str, extra, int(block_rows), tuple(out_names))
+                for k in range(bb.n_buckets)
+            ]
+            stats = _run(client, tasks)
+            missing = [s["file"] for s in stats if not Path(s["file"]).is_file()]
+            if missing:
+                raise FirmDensityError(f"tasks reported parts that do not exist: {missing[:3]}")
+            _fsync_dir(staging)
+            break
+        except BaseException as e:
+            _discard_staging(staging)
+            if isinstance(e, FirmDensityError):
+                raise
+            if not isinstance(e, Exception):
+                raise
+            lost = client is not None and _worker_lost(e)
+            if lost and retries < worker_loss_retries:
+                retries += 1
+                log.warning("firm density for %s: a Dask worker died (%s: %s); retrying the computation (%d of %d)",
+                            out_dir, type(e).__name__, e, retries, worker_loss_retries)
+                continue
+            what = (f"a Dask worker died during the computation (retried {retries} time(s), "
+                    f"worker_loss_retries={worker_loss_retries}); " if lost else "")
+            raise FirmDensityError(
+                f"firm density for {out_dir} failed: {what}nothing was published (the previous generation, if any, "
+                f"is intact): {type(e).__name__}: {e}"
+            ) from e
     t_compute = time.perf_counter() - t_c
 
     stats = sorted(stats, key=lambda s: s["bucket"])
@@ -697,6 +741,7 @@ def firm_density_to_parquet(
         share_kept=(rows / cells) if cells else 0.0, n_units=n_units, n_products=P, n_buckets=bb.n_buckets,
         threshold=float(threshold), seconds_total=time.perf_counter() - t_all, seconds_prepare=t_prep,
         seconds_compute=t_compute, seconds_commit=t_commit, peak_rss_bytes=peak, bucket_stats=stats,
+        worker_loss_retries=retries,
     )
 
 

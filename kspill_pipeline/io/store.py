@@ -33,6 +33,25 @@ STAGING_PREFIX = ".staging-"
 PART_PREFIX = "part-"
 
 
+
+def write_file_atomic(target: Path | str, data: bytes | str) -> Path:
+    """Write a side file (figure, rendered table, report) atomically: hidden temp file in the same
+    folder, fsync, ``os.replace``. Readers see the old file or the new one, never a torn one."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{uuid.uuid4().hex}-{target.name}"
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target
+
 def partition_dir(root: Path | str, asset: str, year: int | str | None) -> Path:
     base = Path(root) / asset
     return base if year is None else base / f"year={int(year)}"
@@ -80,7 +99,9 @@ def write_frame(
     if schema is not None:
         table = table.select(schema.names).cast(schema)
         table = table.replace_schema_metadata(schema.metadata)
-    return write_table_atomic(table, partition_file(root, asset, year))
+    path = write_table_atomic(table, partition_file(root, asset, year))
+    clear_failure(root, asset, year)
+    return path
 
 
 def partition_files(root: Path | str, asset: str, year: int | str | None) -> list[Path]:
@@ -256,6 +277,10 @@ def commit_parts(tmp_dir: Path | str, final_dir: Path | str, *, metadata: dict |
         if d.is_dir() and d.resolve() != tmp_dir.resolve():
             shutil.rmtree(d, ignore_errors=True)
     shutil.rmtree(tmp_dir, ignore_errors=True)
+    # temp files of a killed writer (e.g. the manifest temp of a commit killed before its rename,
+    # a cross-device copy): invisible to readers, removed here (one writer per folder)
+    _cleanup_stale_tmp(final_dir)
+    (final_dir / FAILED_NAME).unlink(missing_ok=True)
     return [final_dir / n for n in names]
 
 
@@ -288,6 +313,9 @@ def scan_parts(final_dir: Path | str) -> pl.LazyFrame:
 # ------------------------------------------------------------------------------------------------
 
 GATE_NAME = "_checks.json"
+#: marker of a failed run of the partition (written by ``kspill run``/``backfill`` for the assets of
+#: a failed step; removed when the partition is published or its checks are recorded again)
+FAILED_NAME = "_failed.json"
 
 
 def data_fingerprint(root: Path | str, asset: str, year: int | str | None) -> str:
@@ -312,15 +340,58 @@ def write_gate(root: Path | str, asset: str, year: int | str | None, checks: dic
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, d / GATE_NAME)
+    clear_failure(root, asset, year)
     return d / GATE_NAME
 
 
+def record_failure(root: Path | str, asset: str, year: int | str | None, error: str) -> Path:
+    """Record that the latest run of a partition failed (atomic; temp file + replace).
+
+    The partition's files are left as they are (the previous version stays readable), but
+    :func:`gate_problems` reports the failure until a later run publishes the partition
+    (:func:`write_frame`, :func:`commit_parts`) or records its checks (:func:`write_gate`): gated
+    consumers (regressions) must not silently use data that the latest input could not reproduce,
+    e.g. a revised raw file that fails to parse."""
+    d = partition_dir(root, asset, year)
+    d.mkdir(parents=True, exist_ok=True)
+    body = {"asset": asset, "year": year, "error": " ".join(str(error).split())[:2000],
+            "failed_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    tmp = d / f"{TMP_PREFIX}{uuid.uuid4().hex}-{FAILED_NAME}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(body, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, d / FAILED_NAME)
+    return d / FAILED_NAME
+
+
+def clear_failure(root: Path | str, asset: str, year: int | str | None) -> None:
+    (partition_dir(root, asset, year) / FAILED_NAME).unlink(missing_ok=True)
+
+
+def failure(root: Path | str, asset: str, year: int | str | None) -> dict | None:
+    """The recorded failure of the partition's latest run (None when there is none)."""
+    f = partition_dir(root, asset, year) / FAILED_NAME
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {"error": f"unreadable {FAILED_NAME}"}
+
+
 def gate_problems(root: Path | str, asset: str, years: Iterable[int | str | None]) -> list[str]:
-    """Why partitions of ``asset`` may not be used: not published, no recorded checks, a failed
-    blocking check, or data rewritten after its checks ran. Empty list = all clear."""
+    """Why partitions of ``asset`` may not be used: its latest run failed (:func:`record_failure`),
+    not published, no recorded checks, a failed blocking check, or data rewritten after its checks
+    ran. Empty list = all clear."""
     out: list[str] = []
     for y in years:
         label = f"asset {asset} partition {y if y is not None else 'all'}"
+        failed_run = failure(root, asset, y)
+        if failed_run is not None:
+            out.append(f"{label}: its latest run failed ({failed_run.get('error', '?')}); the stored data, if any, "
+                       "are from an earlier run and stay unused until a run of this partition succeeds")
+            continue
         if not is_published(root, asset, y):
             out.append(f"{label}: not materialised")
             continue
