@@ -1158,7 +1158,10 @@ def aggregate_quality(
         extra.append(pl.col("variant").first())
     agg = (
         rated.group_by(keys).agg(
-            (pl.col("_w") * pl.col(quality_col)).sum().alias(qname),
+            # a weighted mean lies within the cell's min and max; the clip removes only the rounding
+            # of a weight sum 1-2 ulps above 1 (e.g. every rqua = 1 giving 1 + 2e-16)
+            (pl.col("_w") * pl.col(quality_col)).sum()
+            .clip(pl.col(quality_col).min(), pl.col(quality_col).max()).alias(qname),
             pl.col("value_usd").sum(),
             pl.len().cast(pl.Int64).alias("n_flows"),
             pl.col("firm_id").n_unique().cast(pl.Int64).alias("n_firms"),
