@@ -304,7 +304,9 @@ def build_quality_assets(years_def) -> list:
             parts.append(fit.flows.select(cols))
             reports.append(fit.report)
             del flows, fit
-        df = contract.conform(pl.concat(parts) if parts else pl.DataFrame(schema=contract.polars_schema()))
+        # sorted by year: every quality_normalised partition reads only its year's row groups
+        df = contract.conform(pl.concat(parts).sort("year", "firm_id", "hs6", "partner_iso3") if parts
+                              else pl.DataFrame(schema=contract.polars_schema()))
         rep = reports[0] if len(reports) == 1 else {"groups": len(reports)}
         status = df.group_by("est_status").len().sort("est_status")
         okr = df.filter(pl.col("est_status") == "ok")
